@@ -35,7 +35,7 @@ def list_attentions() -> list[str]:
   return sorted(ATTENTIONS)
 
 
-def create_attention(name: str, **kwargs) -> nn.Module:
+def create_attention(name: str, /, **kwargs) -> nn.Module:
   """Builds the attention layer registered as ``name`` with ``kwargs`` as its fields.
 
   Raises:

@@ -1,0 +1,103 @@
+"""Batch normalisation with PyTorch's running-variance rule.
+
+Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
+Internal Covariate Shift", https://arxiv.org/abs/1502.03167.
+
+Both Flax and PyTorch normalise a training batch with its biased variance (divided by n),
+but they differ in what they fold into the running variance: ``flax.linen.BatchNorm`` keeps
+the biased one, PyTorch's ``BatchNorm2d`` the unbiased one (divided by n - 1), where n is
+the number of values per channel (N * H * W). On a 2x2 map of one image that is a factor of
+4/3. :class:`TorchBatchNorm` takes PyTorch's rule, so a model trained here keeps the
+running statistics a PyTorch/timm model would, and converted weights continue training the
+same way. Its variables have ``flax.linen.BatchNorm``'s names and shapes (params ``scale``,
+``bias``; batch_stats ``mean``, ``var``, all (C,)), so the two are interchangeable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+
+class TorchBatchNorm(nn.Module):
+  """Batch norm over the last (channel) axis of (N, H, W, C), or of any (..., C) array.
+
+  Training (``use_running_average=False``): normalises with the batch mean and biased
+  variance over every axis but the last, and, outside ``init``, updates
+  ``mean <- momentum * mean + (1 - momentum) * batch_mean`` and the same for ``var`` with
+  the unbiased batch variance (``unbiased_running_var=False`` gives Flax's biased rule).
+  Evaluation: normalises with the running statistics. The statistics are computed in
+  float32 whatever the input dtype, with the two-pass variance (mean of squared
+  deviations) rather than ``E[x^2] - E[x]^2``, which cancels badly for large means.
+
+  Attributes:
+    use_running_average: evaluation mode; may also be given at call time.
+    momentum: Flax convention: 0.9 here is PyTorch's ``momentum=0.1``.
+    epsilon: added to the variance (PyTorch's 1e-5).
+    unbiased_running_var: store the n / (n - 1) corrected variance, as PyTorch does.
+    dtype: output dtype; None = the wider of the input's and ``param_dtype``.
+    param_dtype: dtype of ``scale`` and ``bias``; statistics are float32.
+    use_scale, use_bias, scale_init, bias_init: the affine part, as in Flax.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  unbiased_running_var: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Callable[..., Array] = nn.initializers.ones
+  bias_init: Callable[..., Array] = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    if x.ndim < 2:
+      raise ValueError(
+          f"TorchBatchNorm expects (..., C) with at least one batch axis, e.g. (N, H, W, C); "
+          f"got shape {x.shape}. Add a batch axis with x[None].")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"TorchBatchNorm expects floating input; got {x.dtype}. "
+                      "Cast first, e.g. x.astype(jnp.float32).")
+    features = x.shape[-1]
+    reduce_axes = tuple(range(x.ndim - 1))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean = jnp.mean(x32, axis=reduce_axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+      if not self.is_initializing():
+        count = math.prod(x.shape[:-1])
+        # PyTorch stores the unbiased estimate; n == 1 (which PyTorch refuses in training)
+        # keeps the biased one rather than dividing by zero.
+        correction = count / (count - 1) if self.unbiased_running_var and count > 1 else 1.0
+        keep = jnp.float32(self.momentum)
+        ra_mean.value = keep * ra_mean.value + (1 - keep) * mean
+        ra_var.value = keep * ra_var.value + (1 - keep) * (var * jnp.float32(correction))
+
+    y = (x32 - mean) * jax.lax.rsqrt(var + jnp.float32(self.epsilon))
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+      y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
+    if self.dtype is not None:
+      out_dtype = self.dtype
+    else:
+      # The wider of the two, chosen explicitly: strict dtype promotion refuses to mix them.
+      wider = jnp.finfo(x.dtype).bits >= jnp.finfo(self.param_dtype).bits
+      out_dtype = x.dtype if wider else self.param_dtype
+    return y.astype(out_dtype)

@@ -1,0 +1,196 @@
+"""Tests of attention_flax.inspect: sown maps by path and kind, stage features, Grad-CAM
+against hand computations (a quadrant-summing head; CAM for GAP + linear heads)."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from attention_flax import inspect as ins
+from attention_flax import models
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str, size: int | None = None, n: int = 2):
+  entry = models.model_info(name)
+  size = size or entry.input_size
+  model = models.create_model(name, num_classes=10)
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, size, size, entry.in_channels))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  return model, variables, x
+
+
+def jit_maps(model, variables, x):
+  return jax.jit(functools.partial(ins.attention_maps, model))(variables, x)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("test_resnet_tiny_se", {"layer1_0/se/channel_gate": ("channel_gate", (2, 1, 1, 8)),
+                             "layer2_0/se/channel_gate": ("channel_gate", (2, 1, 1, 16))}),
+    ("test_resnet_tiny_cbam", {
+        "layer1_0/se/channel/channel_gate": ("channel_gate", (2, 1, 1, 8)),
+        "layer1_0/se/spatial/spatial_mask": ("spatial_mask", (2, 8, 8, 1)),
+        "layer2_0/se/channel/channel_gate": ("channel_gate", (2, 1, 1, 16)),
+        "layer2_0/se/spatial/spatial_mask": ("spatial_mask", (2, 4, 4, 1))}),
+    ("test_resnet_tiny_coord", {
+        "layer1_0/se/coord_gate_h": ("coord_gate", (2, 8, 1, 8)),
+        "layer1_0/se/coord_gate_w": ("coord_gate", (2, 1, 8, 8)),
+        "layer2_0/se/coord_gate_h": ("coord_gate", (2, 4, 1, 16)),
+        "layer2_0/se/coord_gate_w": ("coord_gate", (2, 1, 4, 16))}),
+    ("stn_cnn_tiny", {"stn/stn_theta": ("stn_theta", (2, 2, 3)),
+                      "stn/stn_output": ("stn_output", (2, 24, 24, 1))}),
+])
+def test_maps_keys_kinds_shapes_and_range(name, expected):
+  model, variables, x = built(name)
+  maps = jit_maps(model, variables, x)
+  assert {k: (m.kind, m.value.shape) for k, m in maps.items()} == expected
+  for key, m in maps.items():
+    assert m.path == key
+    if m.kind in ins.GATE_KINDS:
+      v = np.asarray(m.value)
+      assert v.min() >= 0.0 and v.max() <= 1.0
+    if m.kind == "spatial_mask":
+      # CBAM's spatial BN starts with scale 0 (the authors' init): sigmoid(0) = 0.5.
+      np.testing.assert_array_equal(m.value, 0.5)
+
+
+def test_residual_mask_and_spatial_views():
+  model, variables, x = built("attention_tiny_cifar", size=16)
+  maps = jit_maps(model, variables, x)
+  assert [m.kind for m in maps.values()] == ["residual_mask"] * 3
+  assert [k for k in maps] == [f"stage{i}_attn1/residual_mask" for i in (1, 2, 3)]
+  views = ins.spatial_views(maps)
+  for key, m in maps.items():
+    v = np.asarray(m.value)
+    assert v.shape[-1] > 1 and 0.0 <= v.min() and v.max() <= 1.0
+    np.testing.assert_allclose(views[key], v.mean(-1), rtol=1e-6)
+
+
+def test_coord_views_are_the_applied_gate():
+  model, variables, x = built("test_resnet_tiny_coord")
+  maps = ins.attention_maps(model, variables, x)
+  views = ins.spatial_views(maps)
+  h = np.asarray(maps["layer1_0/se/coord_gate_h"].value)
+  w = np.asarray(maps["layer1_0/se/coord_gate_w"].value)
+  np.testing.assert_allclose(views["layer1_0/se/coord_gate"], (h * w).mean(-1), rtol=1e-6)
+  assert set(views) == {"layer1_0/se/coord_gate", "layer2_0/se/coord_gate"}
+
+
+def test_stn_at_init_is_identity():
+  model, variables, x = built("stn_cnn_tiny")
+  maps = jit_maps(model, variables, x)
+  np.testing.assert_array_equal(maps["stn/stn_theta"].value,
+                                np.broadcast_to([[1, 0, 0], [0, 1, 0]], (2, 2, 3)))
+  np.testing.assert_array_equal(maps["stn/stn_output"].value, x)
+
+
+def test_features_are_the_stages():
+  model, variables, x = built("stn_cnn_tiny")
+  feats = ins.features(model, variables, x)
+  assert {k: v.shape for k, v in feats.items()} == {
+      "backbone/stage1": (2, 12, 12, 4), "backbone/stage2": (2, 6, 6, 8)}
+
+
+class NoTrainArg(nn.Module):
+  """A user module whose __call__ takes no `train`."""
+
+  @nn.compact
+  def __call__(self, x):
+    from attention_flax.layers.channel import SqueezeExcite
+    return SqueezeExcite(name="se")(x)
+
+
+def test_user_module_without_train_argument():
+  x = jnp.ones((1, 4, 4, 8), jnp.float32)
+  model = NoTrainArg()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  maps = ins.attention_maps(model, variables, x)
+  assert list(maps) == ["se/channel_gate"] and maps["se/channel_gate"].kind == "channel_gate"
+
+
+class QuadrantNet(nn.Module):
+  """features: 1x1 conv, ch0 = relu(x), ch1 = relu(-x); 2x2 average pool; logit 0 sums
+  ch0 over the top-left quadrant, logit 1 sums ch1 over the bottom-right quadrant."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = jnp.array([[[[1.0, -1.0]]]], jnp.float32)
+    a = nn.Conv(2, (1, 1), use_bias=False, name="features",
+                kernel_init=lambda *_: kernel)(x)
+    n, hh, ww, c = a.shape
+    a = jnp.mean(jax.nn.relu(a).reshape(n, hh // 2, 2, ww // 2, 2, c), axis=(2, 4))
+    h, w = a.shape[1] // 2, a.shape[2] // 2
+    return jnp.stack([a[:, :h, :w, 0].sum((1, 2)), a[:, h:, w:, 1].sum((1, 2)),
+                      -a[:, :, :, 0].sum((1, 2)) - 100.0], axis=-1)
+
+
+def _quadrant_case():
+  x = np.zeros((1, 8, 8, 1), np.float32)
+  x[0, 1:3, 1:3] = 2.0     # bright blob, top-left
+  x[0, 5:7, 5:7] = -1.0    # dark blob, bottom-right
+  x[0, 1, 6] = 0.5         # a weaker bright pixel outside the top-left quadrant
+  model = QuadrantNet()
+  return model, model.init(jax.random.PRNGKey(0), jnp.asarray(x)), jnp.asarray(x)
+
+
+def test_grad_cam_peaks_in_the_region_the_logit_reads():
+  model, variables, x = _quadrant_case()
+  cam0 = np.asarray(ins.grad_cam(model, variables, x, "features", target=0))
+  cam1 = np.asarray(ins.grad_cam(model, variables, x, "features", target=1))
+  assert cam0.shape == (1, 8, 8) and cam0.max() == 1.0 and cam0.min() >= 0.0
+  assert np.unravel_index(cam0[0].argmax(), (8, 8))[0] < 4
+  assert np.unravel_index(cam0[0].argmax(), (8, 8))[1] < 4
+  assert cam1[0, 4:, 4:].max() == 1.0 and cam1[0, :4, :4].max() < 0.3
+  # By hand: A is the conv output (ch0 = x, ch1 = -x). For logit 0, dy/dA_0 = 1/4 on the
+  # bright top-left pixels and 0 elsewhere, dy/dA_1 = 0; so the map is relu(x), rescaled.
+  expected = np.maximum(np.asarray(x)[..., 0], 0.0) / 2.0
+  np.testing.assert_allclose(cam0, expected, atol=1e-6)
+  # Default target: the top logit (logit 0 = 2.0 * 4 / 4 = 2 > logit 1 = 1).
+  np.testing.assert_array_equal(ins.grad_cam(model, variables, x, "features"), cam0)
+
+
+def test_grad_cam_negative_evidence_gives_zero_not_nan():
+  model, variables, x = _quadrant_case()
+  x = jnp.abs(x)  # A_0 >= 0 everywhere, and logit 2 only decreases with it
+  cam2 = np.asarray(ins.grad_cam(model, variables, x, "features", target=2))
+  assert np.all(cam2 == 0.0)
+
+
+def test_grad_cam_equals_cam_for_a_pooled_linear_head():
+  # ResNet: logits = fc(mean_hw(A)), so dy_k/dA = W[:, k] / (h w) everywhere and
+  # Grad-CAM reduces to CAM (Zhou et al. 2016): relu(A @ W[:, k]) up to scale.
+  model, variables, x = built("test_resnet_tiny_se")
+  cam = ins.grad_cam(model, variables, x, "stage2", target=3)
+  a = ins.features(model, variables, x)["stage2"]
+  kernel = variables["params"]["fc"]["kernel"]
+  by_hand = ins.cam_from_gradients(a, jnp.broadcast_to(kernel[:, 3], a.shape), (32, 32))
+  chex.assert_trees_all_close(cam, by_hand, atol=1e-5)
+  assert cam.shape == (2, 32, 32)
+
+
+def test_grad_cam_on_a_stage_read_by_a_flattening_head():
+  # DigitsCNN flattens stage2 into its Dense head: dy_k/dA[h, w, c] = kernel[(h, w, c), k].
+  model, variables, x = built("stn_cnn_tiny")
+  cam = ins.grad_cam(model, variables, x, "stage2", target=np.array([1, 7]))
+  a = ins.features(model, variables, x)["backbone/stage2"]
+  kernel = variables["params"]["backbone"]["head"]["kernel"]
+  grads = jnp.stack([kernel[:, 1].reshape(a.shape[1:]), kernel[:, 7].reshape(a.shape[1:])])
+  chex.assert_trees_all_close(cam, ins.cam_from_gradients(a, grads, (24, 24)), atol=1e-5)
+
+
+def test_grad_cam_errors_name_the_fix():
+  model, variables, x = built("test_resnet_tiny_se")
+  with pytest.raises(ValueError, match="Unknown layer 'stage9'"):
+    ins.grad_cam(model, variables, x, "stage9")
+  with pytest.raises(ValueError, match="NHWC"):
+    ins.attention_maps(model, variables, x[0])
+  with pytest.raises(TypeError, match="params"):
+    ins.features(model, {"weights": 1}, x)
+  with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
+    ins.grad_cam(model, variables, x, "stage2", target=10)

@@ -1,0 +1,86 @@
+"""Tests of attention_flax.plot: PNGs decode at figsize * dpi, grid points by hand, gate
+matrices and per-class means by hand, no pyplot state touched."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attention_flax import plot
+
+
+def _size(fig):
+  w, h = fig.get_size_inches() * fig.dpi
+  return int(round(w)), int(round(h))
+
+
+def _decode(path):
+  with Image.open(path) as im:
+    im.load()
+    return im.size, np.asarray(im.convert("L"), np.float32)
+
+
+def test_overlay_png_decodes_at_the_figure_size(tmp_path):
+  x = np.random.default_rng(0).normal(size=(3, 16, 16, 1)).astype(np.float32)
+  views = {"a/spatial_mask": np.full((3, 4, 4), 0.5, np.float32),
+           "b/residual_mask": np.linspace(0, 1, 3 * 8 * 8).reshape(3, 8, 8)}
+  fig = plot.plot_overlays(x, views, path=str(tmp_path / "o.png"))
+  size, pixels = _decode(tmp_path / "o.png")
+  assert size == _size(fig) and pixels.std() > 0
+
+
+def test_channel_gates_png_and_class_means(tmp_path):
+  gates = np.array([0.1, 0.3, 0.5, 0.9], np.float32).reshape(4, 1, 1, 1) * np.ones((1, 1, 1, 3))
+  gates[:, ..., 2] = 0.25
+  labels = [0, 1, 0, 1]
+  means = plot.class_means(gates, labels, num_classes=3)
+  np.testing.assert_allclose(means[0], [0.3, 0.6, np.nan])  # (0.1 + 0.5) / 2, (0.3 + 0.9) / 2
+  np.testing.assert_allclose(means[2, :2], [0.25, 0.25])
+  assert plot.gate_matrix(gates).shape == (3, 4)
+  fig = plot.plot_channel_gates({"layer1_0/se/channel_gate": gates}, labels,
+                                path=str(tmp_path / "g.png"))
+  size, _ = _decode(tmp_path / "g.png")
+  assert size == _size(fig)
+
+
+def test_grid_pixels_by_hand():
+  identity = np.array([[[1, 0, 0], [0, 1, 0]]], np.float32)
+  pts = plot.grid_pixels(identity, (4, 6), (4, 6))
+  # The identity samples every output pixel at its own centre.
+  np.testing.assert_allclose(pts[0, 2, 5], [5.0, 2.0], atol=1e-6)
+  np.testing.assert_allclose(pts[0, 0, 0], [0.0, 0.0], atol=1e-6)
+  # A zoom by 0.5 about the centre on an 8-pixel side: x = ((0.5 g + 1) * 8 - 1) / 2.
+  zoom = np.array([[[0.5, 0, 0], [0, 0.5, 0]]], np.float32)
+  pts = plot.grid_pixels(zoom, (8, 8), (8, 8))
+  g0 = -7 / 8
+  np.testing.assert_allclose(pts[0, 0, 0, 0], ((0.5 * g0 + 1) * 8 - 1) / 2, atol=1e-6)
+
+
+def test_stn_panel_and_grad_cam_png(tmp_path):
+  x = np.random.default_rng(1).uniform(size=(2, 12, 12, 1)).astype(np.float32)
+  theta = np.tile(np.array([[1, 0, 0], [0, 1, 0]], np.float32), (2, 1, 1))
+  fig = plot.plot_stn(x, theta, x, path=str(tmp_path / "s.png"))
+  size, _ = _decode(tmp_path / "s.png")
+  assert size == _size(fig)
+  cams = np.zeros((2, 12, 12), np.float32)
+  cams[:, :6, :6] = 1.0
+  fig = plot.plot_grad_cam(x, cams, labels=[1, 2], predictions=[1, 3],
+                           path=str(tmp_path / "c.png"))
+  size, _ = _decode(tmp_path / "c.png")
+  assert size == _size(fig)
+
+
+def test_errors_and_no_pyplot_state():
+  with pytest.raises(ValueError, match="C = 1 or 3"):
+    plot.plot_overlays(np.zeros((2, 8, 8)), {"m": np.zeros((2, 2, 2))})
+  with pytest.raises(ValueError, match="at least one map"):
+    plot.plot_overlays(np.zeros((2, 8, 8, 1)), {})
+  with pytest.raises(ValueError, match="inspect.grad_cam"):
+    plot.plot_grad_cam(np.zeros((2, 8, 8, 1)), np.zeros((2, 4, 4)))
+  with pytest.raises(ValueError, match=r"\(N, 2, 3\)"):
+    plot.plot_stn(np.zeros((2, 8, 8, 1)), np.zeros((2, 6)), np.zeros((2, 8, 8, 1)))
+  if "matplotlib.pyplot" in sys.modules:
+    assert not sys.modules["matplotlib.pyplot"].get_fignums()

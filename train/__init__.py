@@ -1,0 +1,1 @@
+"""Training application for attention_flax: configs in, checkpoints and metrics out."""

@@ -1,0 +1,562 @@
+"""Training-step benchmark: step time, throughput, compile time and memory per model.
+
+Run:
+  python -m train.bench --models=resnet20,se_resnet20 --batch=128 --repeats=10
+  python -m train.bench --models=seresnet50,cbam_resnet50 --size=112 --batch=16 \
+      --against=torch --sampler --pipeline --out=/tmp/bench.json
+
+Each model runs the trainer's own step (``create_train_state`` with an SGD config and the
+jitted, state-donating ``train_step`` of ``compile_steps``), so the numbers are those of
+``python -m train``. Lowering and compiling are timed apart from the steps; the outputs
+are blocked on after every step. Repeats are interleaved: round r runs one step of every
+model (and of its PyTorch twin with ``--against=torch``) before round r + 1, so a burst of
+load from elsewhere on the machine hits all models alike. Compare numbers only as ratios
+within one run.
+
+Attention models are compared with their plain backbone, added to the run when not
+listed: seresnet50 / cbam_resnet50 / gcresnet50 / sa_resnet50 -> resnet50, ecaresnet50d ->
+resnet50d, {se,cbam,eca}_resnetNN -> resnetNN, test_resnet_tiny_X -> test_resnet_tiny.
+Residual Attention Networks have no plain twin (overhead null).
+
+PyTorch (``--against=torch``): timm's model of the same name where timm has one (resnet50,
+resnet50d, seresnet50, ecaresnet50d, ...); cbam_resnetNN / gcresnet50 are timm's ResNet
+with ``block_args=dict(attn_layer="cbam" | "gc")``; CIFAR ResNets (and the tiny test
+ResNets) are built here from timm's BasicBlock and attention layers with the same stem,
+widths and option-A shortcut; anything else is skipped (``torch_note`` says why).
+channels_last, ``torch.set_num_threads`` = the cores JAX uses, SGD (momentum 0.9, weight
+decay 1e-4), ``loss.backward()``; ``torch.compile`` and bf16 autocast only on a GPU.
+
+JSON (``--out``): a list of objects, each with ``kind``:
+  "environment" (first): jax_version, jaxlib_version, flax_version, backend, device_kind,
+    device_count, cpu_count, cpu_model, torch_version (or null), torch_threads,
+    omp_wait_policy (PASSIVE unless set), command,
+    batch, size, dtype, repeats, warmup.
+  "model": model, batch, image_shape, dtype, num_classes, params, step_time_median_s,
+    step_time_min_s, step_time_max_s, images_per_second, compile_time_s (lower + compile),
+    peak_memory_bytes, peak_memory_source ("device_peak_bytes_in_use", or
+    "process_peak_rss", the whole process's peak so far, cumulative over models),
+    xla_memory_bytes (arguments + outputs + temporaries - aliased, from XLA's memory
+    analysis of this step alone, or null), backbone (or null), overhead_vs_backbone (this
+    step time / the backbone's, null for backbones); with torch: torch_model,
+    torch_step_time_{median,min,max}_s, torch_images_per_second, torch_first_step_s,
+    throughput_ratio_vs_torch (ours images/s / torch's: > 1 means we are faster),
+    torch_note.
+  "sampler": shape (N, H, W, C), step_time_{median,min,max}_s of ``grid_sample`` forward +
+    backward (gradients for image and grid), compile_time_s, and with torch the same
+    torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
+  "pipeline": data, batch, image_shape, images_per_second of ``train.data.train_dataset``,
+    model, model_images_per_second (the fastest model's), ratio_vs_model (pipeline / model:
+    >= 1 means the input pipeline keeps up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_MODELS = "resnet50,seresnet50,cbam_resnet50,ecaresnet50d,attention56"
+SAMPLER_SHAPES = ((64, 60, 60, 1), (32, 32, 32, 64))
+_TIMM_ATTN = {"se": "se", "ese": "ese", "eca": "eca", "cbam": "cbam", "gc": "gc", "ge": "ge"}
+
+
+def backbone_of(name: str) -> str | None:
+  """The plain model an attention model adds to (None for backbones / no twin)."""
+  from attention_flax import models
+  match = (re.fullmatch(r"(test_resnet\w*?_tiny)_[a-z]+", name)
+           or re.fullmatch(r"(?:se|cbam|eca|gc|sa)_?(resnet\d+d?)", name))
+  if match and match.group(1) in models.MODELS and match.group(1) != name:
+    return match.group(1)
+  return None
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def _peak_memory() -> tuple[int, str]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device_peak_bytes_in_use"
+  # Linux reports ru_maxrss in KiB.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def _xla_memory(compiled: Any) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # Not every backend implements the analysis.
+    return None
+
+
+def _summary(times: Sequence[float], prefix: str = "") -> dict[str, float]:
+  return {f"{prefix}step_time_median_s": statistics.median(times),
+          f"{prefix}step_time_min_s": min(times), f"{prefix}step_time_max_s": max(times)}
+
+
+def sgd_config(model: str, batch: int, dtype: str) -> Any:
+  """The trainer's config for a plain SGD run of ``model`` (constant rate, momentum 0.9)."""
+  import configs
+  config = configs.base_config()
+  config.model = model
+  config.batch_size = batch
+  config.optimizer, config.schedule = "sgd", "constant"
+  config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 1e-4
+  config.num_train_steps = 1_000_000
+  config.half_precision = dtype == "bfloat16"
+  return config
+
+
+class OurStep:
+  """One model's compiled train step with its state and a fixed random batch."""
+
+  def __init__(self, name: str, batch: int, size: int | None, dtype: str, seed: int = 0):
+    from attention_flax import models
+    from train import trainer
+    entry = models.model_info(name)  # The registry's ValueError for unknown names.
+    self.name, self.batch = name, batch
+    self.size = size or entry.input_size
+    self.num_classes = 10 if entry.input_size <= 64 else 1000
+    self.shape = (self.size, self.size, entry.in_channels)
+    config = sgd_config(name, batch, dtype)
+    trainer.validate_config(config)
+    mesh = trainer.make_mesh()
+    model = trainer.build_model(config, self.num_classes)
+    self.state = trainer.create_train_state(config, model, jax.random.PRNGKey(seed), self.shape,
+                                            mesh=mesh)
+    self.params = models.count_params(self.state.params)
+    rs = np.random.RandomState(seed)
+    self.host_batch = {"image": rs.standard_normal((batch, *self.shape)).astype(np.float32),
+                       "label": rs.randint(0, self.num_classes, batch).astype(np.int32)}
+    self.batch_arrays = trainer.shard_batch(self.host_batch, mesh)
+    self.rng = jax.random.PRNGKey(seed + 1)
+    train_fn, _ = trainer.compile_steps(mesh)
+    start = time.perf_counter()
+    self.compiled = train_fn.lower(self.state, self.batch_arrays, self.rng).compile()
+    self.compile_time = time.perf_counter() - start
+    self.times: list[float] = []
+
+  def step(self) -> float:
+    start = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.batch_arrays, self.rng)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - start
+
+
+def _torch_cifar_resnet(fields: dict[str, Any], num_classes: int, in_chans: int) -> Any:
+  """A CIFAR-style ResNet of timm BasicBlocks: the same stem, widths and shortcut as ours."""
+  import torch
+  from timm.layers import get_attn
+  from timm.models.resnet import BasicBlock
+
+  class PadShortcut(torch.nn.Module):  # Option A: subsample, append zero channels.
+    def __init__(self, stride, extra):
+      super().__init__()
+      self.stride, self.extra = stride, extra
+
+    def forward(self, x):
+      x = x[:, :, ::self.stride, ::self.stride]
+      return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+  attn = fields.get("attn")
+  attn_layer = get_attn(_TIMM_ATTN[attn]) if attn else None
+  widths, stem = tuple(fields["widths"]), fields.get("stem", "classic")
+  layers = [torch.nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
+            torch.nn.BatchNorm2d(widths[0]), torch.nn.ReLU(inplace=True)]
+  if stem != "cifar":  # Classic stem: 7x7/2 conv and 3x3/2 max-pool.
+    layers = [torch.nn.Conv2d(in_chans, widths[0], 7, 2, 3, bias=False),
+              torch.nn.BatchNorm2d(widths[0]), torch.nn.ReLU(inplace=True),
+              torch.nn.MaxPool2d(3, 2, 1)]
+  inplanes = widths[0]
+  for i, (n, width) in enumerate(zip(fields["stage_sizes"], widths)):
+    for j in range(n):
+      stride = 2 if i > 0 and j == 0 else 1
+      down = None
+      if stride != 1 or inplanes != width:
+        down = (PadShortcut(stride, width - inplanes) if stem == "cifar" else
+                torch.nn.Sequential(torch.nn.Conv2d(inplanes, width, 1, stride, bias=False),
+                                    torch.nn.BatchNorm2d(width)))
+      layers.append(BasicBlock(inplanes, width, stride, down, attn_layer=attn_layer))
+      inplanes = width
+  layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+             torch.nn.Linear(inplanes, num_classes)]
+  return torch.nn.Sequential(*layers)
+
+
+def torch_model(name: str, num_classes: int, in_chans: int) -> tuple[Any, str]:
+  """(module, description) of the PyTorch counterpart; ValueError when there is none."""
+  import timm
+  from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+  from attention_flax import models
+  if timm.is_model(name):
+    return timm.create_model(name, num_classes=num_classes, in_chans=in_chans), f"timm {name}"
+  match = re.fullmatch(r"(cbam|gc)_?resnet(18|34|50|101|152)", name)
+  if match:
+    depth = int(match.group(2))
+    block, layers = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+                     50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+                     152: (Bottleneck, (3, 8, 36, 3))}[depth]
+    module = ResNet(block, layers, num_classes=num_classes, in_chans=in_chans,
+                    block_args=dict(attn_layer=match.group(1)))
+    return module, f"timm ResNet{depth} + attn_layer={match.group(1)}"
+  fields = dict(getattr(models.model_info(name).factory, "keywords", {}))
+  block = fields.get("block")
+  if (block is not None and block.__name__ == "BasicBlock" and "stage_sizes" in fields
+      and fields.get("attn") in (None, *_TIMM_ATTN) and fields.get("down") is None):
+    return (_torch_cifar_resnet(fields, num_classes, in_chans),
+            "timm BasicBlocks, same stem/widths/shortcut")
+  raise ValueError(f"no PyTorch counterpart of {name} is built here")
+
+
+class TorchStep:
+  """The PyTorch twin of an :class:`OurStep`: same batch, SGD, loss.backward()."""
+
+  def __init__(self, ours: OurStep, dtype: str):
+    import torch
+    self.torch = torch
+    module, self.description = torch_model(ours.name, ours.num_classes, ours.shape[-1])
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    self.model = module.to(self.device).to(memory_format=torch.channels_last).train()
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,
+                               weight_decay=1e-4)
+    image = torch.from_numpy(ours.host_batch["image"]).permute(0, 3, 1, 2)
+    self.x = image.contiguous(memory_format=torch.channels_last).to(self.device)
+    self.y = torch.from_numpy(ours.host_batch["label"]).long().to(self.device)
+    self.autocast = self.device == "cuda" and dtype == "bfloat16"
+    self.forward = torch.compile(self.model) if self.device == "cuda" else self.model
+    self.times: list[float] = []
+    self.first_step = self.step()
+
+  def step(self) -> float:
+    torch = self.torch
+    start = time.perf_counter()
+    self.opt.zero_grad(set_to_none=True)
+    with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
+      loss = torch.nn.functional.cross_entropy(self.forward(self.x), self.y)
+    loss.backward()
+    self.opt.step()
+    if self.device == "cuda":
+      torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
+  for _ in range(warmup):
+    for s in steps:
+      s.step()
+  for _ in range(repeats):
+    for s in steps:
+      s.times.append(s.step())
+
+
+def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: str,
+                 warmup: int, repeats: int, against: str | None = None) -> list[dict[str, Any]]:
+  """One "model" row per name (backbones added); see the module docstring."""
+  names = list(dict.fromkeys(names))
+  for name in list(names):
+    base = backbone_of(name)
+    if base and base not in names:
+      names.insert(names.index(name), base)
+  ours, rows = [], []
+  for name in names:
+    step = OurStep(name, batch, size, dtype)
+    # The process's peak after this model's compile and first step (cumulative over models).
+    step.step()
+    step.peak = _peak_memory()
+    ours.append(step)
+  twins: dict[str, Any] = {}
+  notes: dict[str, str] = {}
+  if against == "torch":
+    for step in ours:
+      try:
+        twins[step.name] = TorchStep(step, dtype)
+      except (ValueError, KeyError, RuntimeError) as err:
+        notes[step.name] = str(err)
+  _interleave([*ours, *twins.values()], warmup, repeats)
+  medians = {s.name: statistics.median(s.times) for s in ours}
+  for s in ours:
+    base = backbone_of(s.name)
+    row = {"kind": "model", "model": s.name, "batch": batch, "image_shape": list(s.shape),
+           "dtype": dtype, "num_classes": s.num_classes, "params": s.params,
+           **_summary(s.times), "images_per_second": batch / medians[s.name],
+           "compile_time_s": s.compile_time, "peak_memory_bytes": s.peak[0],
+           "peak_memory_source": s.peak[1], "xla_memory_bytes": _xla_memory(s.compiled),
+           "backbone": base,
+           "overhead_vs_backbone": medians[s.name] / medians[base] if base else None}
+    if against == "torch":
+      twin = twins.get(s.name)
+      row.update(torch_model=None, torch_step_time_median_s=None, torch_step_time_min_s=None,
+                 torch_step_time_max_s=None, torch_images_per_second=None,
+                 torch_first_step_s=None, throughput_ratio_vs_torch=None,
+                 torch_note=notes.get(s.name))
+      if twin is not None:
+        row.update(_summary(twin.times, "torch_"), torch_model=twin.description,
+                   torch_images_per_second=batch / statistics.median(twin.times),
+                   torch_first_step_s=twin.first_step)
+        row["throughput_ratio_vs_torch"] = (row["images_per_second"]
+                                            / row["torch_images_per_second"])
+    rows.append(row)
+  return rows
+
+
+class _OurSampler:
+  def __init__(self, shape: tuple[int, int, int, int], seed: int = 0):
+    from attention_flax.layers.transformer import affine_grid, grid_sample
+    rs = np.random.RandomState(seed)
+    n = shape[0]
+    theta = np.tile(np.array([[0.8, 0.1, 0.05], [-0.1, 0.9, -0.05]], np.float32), (n, 1, 1))
+    theta += 0.05 * rs.standard_normal(theta.shape).astype(np.float32)
+    self.x = rs.standard_normal(shape).astype(np.float32)
+    self.grid = np.asarray(affine_grid(jnp.asarray(theta), shape))
+    self.cot = rs.standard_normal(shape).astype(np.float32)
+
+    def loss(x, grid, cot):
+      return jnp.sum(grid_sample(x, grid) * cot)
+
+    args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
+    start = time.perf_counter()
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    self.compiled = fn.lower(*args).compile()
+    self.compile_time = time.perf_counter() - start
+    self.args, self.times = args, []
+
+  def step(self) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(self.compiled(*self.args))
+    return time.perf_counter() - start
+
+
+class _TorchSampler:
+  def __init__(self, ours: _OurSampler):
+    import torch
+    self.torch = torch
+    self.x = torch.from_numpy(ours.x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    self.grid = torch.from_numpy(ours.grid.copy()).requires_grad_()
+    self.cot = torch.from_numpy(ours.cot).permute(0, 3, 1, 2).contiguous()
+    self.times = []
+
+  def step(self) -> float:
+    start = time.perf_counter()
+    self.x.grad = self.grid.grad = None
+    out = self.torch.nn.functional.grid_sample(self.x, self.grid, align_corners=False)
+    (out * self.cot).sum().backward()
+    return time.perf_counter() - start
+
+
+def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, repeats: int,
+                  against: str | None = None) -> list[dict[str, Any]]:
+  """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
+  rows = []
+  for shape in shapes:
+    ours = _OurSampler(tuple(shape))
+    steps = [ours] + ([_TorchSampler(ours)] if against == "torch" else [])
+    _interleave(steps, warmup, repeats)
+    row = {"kind": "sampler", "model": "grid_sample", "shape": list(shape),
+           **_summary(ours.times), "compile_time_s": ours.compile_time}
+    if against == "torch":
+      row.update(_summary(steps[1].times, "torch_"))
+      row["throughput_ratio_vs_torch"] = (row["torch_step_time_median_s"]
+                                          / row["step_time_median_s"])
+    rows.append(row)
+  return rows
+
+
+def pipeline_data_config(name: str, size: int, channels: int) -> Any:
+  """The data block of ``--pipeline``: "digits" or "cifar10_mock" (tfds mock examples)."""
+  import configs
+  augment = {"crop_padding": max(1, size // 8), "flip": True}
+  if name == "digits":
+    return configs.data_config("digits", image_size=size, channels=channels,
+                               mean=(0.5,) * channels, std=(0.5,) * channels, augment=augment)
+  if name == "cifar10_mock":
+    return configs.data_config("tfds", tfds_name="cifar10", image_size=size, channels=channels,
+                               mean=configs.CIFAR10_MEAN[:channels],
+                               std=configs.CIFAR10_STD[:channels], augment=augment)
+  raise ValueError(f"Unknown --data={name!r}; choose digits or cifar10_mock.")
+
+
+def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup: int,
+                   batches: int, model_row: dict[str, Any] | None) -> dict[str, Any]:
+  """Images per second out of ``train.data.train_dataset`` (augmented, normalised)."""
+  import contextlib
+  from train import data as data_lib
+  config = pipeline_data_config(data, int(image_shape[0]), int(image_shape[-1]))
+  mock = contextlib.nullcontext()
+  if data == "cifar10_mock":
+    import tensorflow_datasets as tfds
+    mock = tfds.testing.mock_data(num_examples=max(4 * batch, 256))
+  with mock:
+    it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0))
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    elapsed = time.perf_counter() - start
+  ips = batch * batches / elapsed
+  model_ips = model_row["images_per_second"] if model_row else None
+  return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
+          "images_per_second": ips, "model": model_row["model"] if model_row else None,
+          "model_images_per_second": model_ips,
+          "ratio_vs_model": ips / model_ips if model_ips else None}
+
+
+def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+  import flax
+  import jaxlib
+  torch_version = threads = None
+  if args.against == "torch":
+    import torch
+    torch_version, threads = torch.__version__, torch.get_num_threads()
+  device = jax.devices()[0]
+  return {"kind": "environment", "jax_version": jax.__version__,
+          "jaxlib_version": jaxlib.__version__, "flax_version": flax.__version__,
+          "backend": jax.default_backend(), "device_kind": device.device_kind,
+          "device_count": jax.device_count(), "cpu_count": _cores(), "cpu_model": _cpu_model(),
+          "torch_version": torch_version, "torch_threads": threads,
+          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+          "command": "python -m train.bench " + " ".join(argv), "batch": args.batch,
+          "size": args.size, "dtype": args.dtype, "repeats": args.repeats,
+          "warmup": args.warmup}
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+  """The rows as Markdown tables (models, then sampler and pipeline)."""
+  env = next((r for r in rows if r["kind"] == "environment"), {})
+  out = [f"{env.get('cpu_model', '')} ({env.get('cpu_count', '?')} cores), "
+         f"{env.get('backend', '')} {env.get('device_kind', '')}, jax {env.get('jax_version', '')}",
+         "", "| model | batch | image | median s (min-max) | img/s | compile s | peak MiB "
+         "| XLA MiB | vs backbone | torch median s | ours/torch img/s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["kind"] != "model":
+      continue
+    mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+    out.append(
+        f"| {r['model']} | {r['batch']} | {'x'.join(map(str, r['image_shape']))} "
+        f"| {r['step_time_median_s']:.4f} ({r['step_time_min_s']:.4f}-"
+        f"{r['step_time_max_s']:.4f}) | {r['images_per_second']:.1f} "
+        f"| {r['compile_time_s']:.1f} | {_fmt(mib(r['peak_memory_bytes']), '.0f')} "
+        f"| {_fmt(mib(r['xla_memory_bytes']), '.0f')} "
+        f"| {_fmt(r['overhead_vs_backbone'])} | {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
+        f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
+  samplers = [r for r in rows if r["kind"] == "sampler"]
+  if samplers:
+    out += ["", "| grid_sample fwd+bwd (N, H, W, C) | median s (min-max) | torch median s "
+            "| ours/torch |", "|---|---|---|---|"]
+    for r in samplers:
+      out.append(f"| {tuple(r['shape'])} | {r['step_time_median_s']:.4f} "
+                 f"({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) "
+                 f"| {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
+                 f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
+  for r in rows:
+    if r["kind"] == "pipeline":
+      out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
+              f"{'x'.join(map(str, r['image_shape']))}): {r['images_per_second']:.0f} img/s; "
+              f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s; "
+              f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]
+  return "\n".join(out)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated registry names")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--size", type=int, default=None, help="square input side; default: model's")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--out", default=None, help="JSON file to write")
+  p.add_argument("--against", choices=("torch",), default=None)
+  p.add_argument("--pipeline", action="store_true")
+  p.add_argument("--data", default="digits", help="--pipeline data: digits | cifar10_mock")
+  p.add_argument("--pipeline_batches", type=int, default=20)
+  p.add_argument("--sampler", action="store_true")
+  p.add_argument("--sampler_shapes", default=";".join(",".join(map(str, s))
+                                                      for s in SAMPLER_SHAPES),
+                 help="N,H,W,C shapes separated by ';'")
+  args = p.parse_args(list(argv))
+  for key in ("batch", "repeats"):
+    if getattr(args, key) < 1:
+      raise ValueError(f"--{key} must be >= 1; got {getattr(args, key)}.")
+  if args.data not in ("digits", "cifar10_mock"):
+    raise ValueError(f"Unknown --data={args.data!r}; choose digits or cifar10_mock.")
+  if args.warmup < 0 or (args.size is not None and args.size < 1):
+    raise ValueError("--warmup must be >= 0 and --size >= 1.")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    args = parse_args(argv)
+    if args.against == "torch":
+      # OpenMP's default spin-waiting collapses when the cores are shared (measured here:
+      # a ResNet-18 step 4.3 s with 2 spinning threads, 0.3 s passive); must precede import.
+      os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+      try:
+        import timm  # noqa: F401
+        import torch
+      except ImportError as err:
+        raise ValueError(f"--against=torch needs torch and timm installed ({err}).") from err
+      torch.set_num_threads(_cores())
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    from attention_flax import models
+    for name in names:
+      models.model_info(name)  # Unknown names fail before anything compiles.
+    rows: list[dict[str, Any]] = [environment(args, argv)]
+    model_rows = bench_models(names, batch=args.batch, size=args.size, dtype=args.dtype,
+                              warmup=args.warmup, repeats=args.repeats, against=args.against)
+    rows += model_rows
+    if args.sampler:
+      shapes = [tuple(int(v) for v in s.split(",")) for s in args.sampler_shapes.split(";")]
+      if any(len(s) != 4 for s in shapes):
+        raise ValueError(f"--sampler_shapes takes N,H,W,C groups; got {args.sampler_shapes!r}.")
+      rows += bench_sampler(shapes, warmup=args.warmup, repeats=args.repeats,
+                            against=args.against)
+    if args.pipeline:
+      # The fastest model is the hardest consumer to keep fed.
+      first = max(model_rows, key=lambda r: r["images_per_second"])
+      rows.append(bench_pipeline(args.data, batch=args.batch, image_shape=first["image_shape"],
+                                 warmup=2, batches=args.pipeline_batches, model_row=first))
+  except ValueError as err:
+    print(f"train.bench: {err}", file=sys.stderr)
+    return 2
+  print(markdown(rows))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,244 @@
+"""Pictures of a trained run: attention maps, channel gates, STN grids and Grad-CAM.
+
+  python -m train.visualize --workdir=runs/default                 # -> runs/default/maps
+  python -m train.visualize --workdir=DIR --num_images=16 --out=DIR/maps
+  python -m train.visualize --timm=seresnet50 --weights=FILE --images=FILE_OR_DIR --out=maps
+
+From a run: the newest checkpoint of ``workdir/checkpoints`` and the run's
+``workdir/config.json`` rebuild the model and the eval data; ``num_images`` eval images
+are drawn. One PNG is written per kind of map the model sows (channel_gates.png,
+spatial_mask.png, residual_mask.png, coord_gate.png, context_weights.png, gather_gate.png,
+stn.png) plus grad_cam_<stage>.png for the last stage. With ``--timm`` the converted
+pretrained weights (``attention_flax.convert.load_pretrained``) are used on the given
+images instead. ``write_eval_overlay`` is the cheap single-picture variant for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention_flax import inspect as ins
+from attention_flax import plot
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# The kinds drawn as overlays on the input, and the file each goes to.
+SPATIAL_KINDS = ("spatial_mask", "residual_mask", "coord_gate", "context_weights",
+                 "gather_gate")
+_JITTED: dict[Any, Any] = {}
+
+
+def _maps_fn(model: Any):
+  """``attention_maps`` of ``model`` compiled once per model (models hash by fields)."""
+  try:
+    return _JITTED.setdefault(model, jax.jit(lambda v, x: ins.attention_maps(model, v, x)))
+  except TypeError:  # an unhashable user module: compile without caching
+    return jax.jit(lambda v, x: ins.attention_maps(model, v, x))
+
+
+def _views_of_kind(maps: dict, kind: str) -> dict:
+  return ins.spatial_views(ins.by_kind(maps, kind))
+
+
+def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
+               labels: Sequence[int] | None = None, num_classes: int | None = None,
+               grad_cam_layer: str | None = None) -> list[str]:
+  """Writes one PNG per kind of map ``model`` sows on ``images``, and a Grad-CAM of the
+  last sown stage (or ``grad_cam_layer``); returns the paths written."""
+  os.makedirs(out_dir, exist_ok=True)
+  images = jnp.asarray(images, jnp.float32)
+  maps = _maps_fn(model)(variables, images)
+  written = []
+  gates = ins.by_kind(maps, "channel_gate")
+  if gates:
+    p = os.path.join(out_dir, "channel_gates.png")
+    plot.plot_channel_gates({k: m.value for k, m in gates.items()}, labels,
+                            num_classes=num_classes, path=p)
+    written.append(p)
+  for kind in SPATIAL_KINDS:
+    views = _views_of_kind(maps, kind)
+    if views:
+      p = os.path.join(out_dir, f"{kind}.png")
+      plot.plot_overlays(images, views, path=p)
+      written.append(p)
+  thetas = ins.by_kind(maps, "stn_theta")
+  outputs = ins.by_kind(maps, "stn_output")
+  if thetas and outputs:
+    theta, output = next(iter(thetas.values())), next(iter(outputs.values()))
+    p = os.path.join(out_dir, "stn.png")
+    # The transformer of the registered models sees the model's input itself.
+    plot.plot_stn(images, theta.value, output.value, path=p)
+    written.append(p)
+  layer = grad_cam_layer
+  if layer is None:
+    stages = [k for k, v in ins.features(model, variables, images[:1]).items() if v.ndim == 4]
+    layer = stages[-1] if stages else None
+  if layer is not None:
+    cams = ins.grad_cam(model, variables, images, layer)
+    logits = model.apply(variables, images, **_train_kw(model))
+    p = os.path.join(out_dir, f"grad_cam_{layer.replace('/', '_')}.png")
+    plot.plot_grad_cam(images, cams, labels=labels,
+                       predictions=np.asarray(jnp.argmax(logits, -1)), path=p)
+    written.append(p)
+  return written
+
+
+def _train_kw(model: Any) -> dict:
+  return {"train": False} if ins._accepts_train(model) else {}  # pylint: disable=protected-access
+
+
+def write_eval_overlay(model: Any, variables: Any, images: Any, path: str) -> str:
+  """One small PNG of what ``model`` attends to on ``images`` (the first 6 are drawn).
+
+  Picks the deepest spatial maps when the model has any (masks overlaid on the inputs),
+  else the STN panel, else the channel-gate strips; a model that sows no attention gets
+  a Grad-CAM of its last stage. Map extraction is one jitted call, compiled once per
+  model. Returns ``path``.
+  """
+  images = jnp.asarray(images, jnp.float32)[:6]
+  maps = _maps_fn(model)(variables, images)
+  views = ins.spatial_views(maps)
+  if views:
+    names = list(views)[-3:]
+    plot.plot_overlays(images, {k: views[k] for k in names}, path=path)
+    return path
+  thetas, outputs = ins.by_kind(maps, "stn_theta"), ins.by_kind(maps, "stn_output")
+  if thetas and outputs:
+    plot.plot_stn(images, next(iter(thetas.values())).value,
+                  next(iter(outputs.values())).value, path=path)
+    return path
+  gates = ins.by_kind(maps, "channel_gate")
+  if gates:
+    plot.plot_channel_gates({k: m.value for k, m in list(gates.items())[-3:]}, path=path)
+    return path
+  stages = [k for k, v in ins.features(model, variables, images).items() if v.ndim == 4]
+  if not stages:
+    raise ValueError("write_eval_overlay: the model sows neither attention maps nor "
+                     "'stage{i}' features; nothing to draw.")
+  plot.plot_grad_cam(images, ins.grad_cam(model, variables, images, stages[-1]), path=path)
+  return path
+
+
+# ------------------------------------------------------------------------ from a run
+
+
+def load_run(workdir: str, num_images: int) -> dict[str, Any]:
+  """Model, variables and ``num_images`` eval images (with labels) of a training run."""
+  import ml_collections  # the run's config
+
+  from train import checkpoint as ckpt_lib
+  from train import data as data_lib
+  from train import trainer
+
+  config_path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isfile(config_path) or not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(
+        f"{workdir} is not a training run: it needs config.json and checkpoints/ (written by "
+        f"`python -m train --workdir={workdir}`).")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  step, state = ckpt_lib.load_state(ckpt_dir)
+  info = data_lib.get_info(config.data)
+  meta_path = os.path.join(ckpt_dir, str(step), "meta", "metadata")
+  num_classes = info.num_classes
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      num_classes = int(json.load(f).get("num_classes", num_classes))
+  model = trainer.build_model(config, num_classes)
+  variables = {"params": state["params"]}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  batch = next(iter(data_lib.eval_batches(config.data, batch_size=num_images)))
+  real = int(np.sum(batch["mask"]))
+  return {"model": model, "variables": variables, "images": batch["image"][:real],
+          "labels": batch["label"][:real], "num_classes": num_classes, "step": step}
+
+
+def load_images(location: str, size: int, channels: int = 3,
+                mean: Sequence[float] = (0.485, 0.456, 0.406),
+                std: Sequence[float] = (0.229, 0.224, 0.225)) -> np.ndarray:
+  """An image file or a folder of them -> (N, size, size, channels) normalised float32."""
+  from PIL import Image
+
+  if os.path.isdir(location):
+    files = sorted(os.path.join(location, f) for f in os.listdir(location)
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+  else:
+    files = [location]
+  if not files or not all(os.path.isfile(f) for f in files):
+    raise FileNotFoundError(f"No images ({', '.join(IMAGE_SUFFIXES)}) at {location!r}.")
+  mode = "RGB" if channels == 3 else "L"
+  out = []
+  for name in files:
+    with Image.open(name) as im:
+      im = im.convert(mode).resize((size, size), Image.BILINEAR)
+      a = np.asarray(im, np.float32).reshape(size, size, channels) / 255.0
+    out.append((a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32))
+  return np.stack(out).astype(np.float32)
+
+
+def load_timm(name: str, weights: str, images: str) -> dict[str, Any]:
+  """Model and variables from ``attention_flax.convert.load_pretrained`` and the images."""
+  try:
+    from attention_flax.convert import load_pretrained  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    raise SystemExit(
+        "error: --timm needs attention_flax.convert.load_pretrained, which this "
+        f"installation lacks ({err}). Visualize a training run with --workdir instead.")
+  from attention_flax import models
+  loaded = load_pretrained(name, weights)
+  model, variables = loaded[0], loaded[1]
+  entry = models.model_info(name)
+  x = load_images(images, entry.input_size, entry.in_channels)
+  return {"model": model, "variables": variables, "images": x, "labels": None,
+          "num_classes": None, "step": None}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m train.visualize", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", help="a training run (config.json + checkpoints/)")
+  parser.add_argument("--num_images", type=int, default=16, help="eval images to draw")
+  parser.add_argument("--out", help="output folder (default: WORKDIR/maps)")
+  parser.add_argument("--layer", help="Grad-CAM layer (default: the last sown stage)")
+  parser.add_argument("--timm", help="registered model name of converted timm weights")
+  parser.add_argument("--weights", help="the timm/PyTorch weights file for --timm")
+  parser.add_argument("--images", help="an image file or folder, for --timm")
+  args = parser.parse_args(argv)
+  if args.timm:
+    if not (args.weights and args.images and args.out):
+      parser.error("--timm needs --weights=FILE, --images=FILE_OR_DIR and --out=DIR.")
+  elif not args.workdir:
+    parser.error("give --workdir=DIR (a training run) or --timm=NAME with --weights/--images.")
+  if args.num_images < 1:
+    parser.error(f"--num_images must be >= 1; got {args.num_images}.")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line entry; returns 0 and prints one line per PNG written."""
+  args = parse_args(argv)
+  if args.timm:
+    run = load_timm(args.timm, args.weights, args.images)
+    out = args.out
+  else:
+    run = load_run(args.workdir, args.num_images)
+    out = args.out or os.path.join(args.workdir, "maps")
+  written = write_maps(run["model"], run["variables"], run["images"], out,
+                       labels=run["labels"], num_classes=run["num_classes"],
+                       grad_cam_layer=args.layer)
+  for p in written:
+    print(p)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -25,19 +25,12 @@ from attention_flax.convert import from_timm, list_timm_models, load_pretrained 
 from attention_flax.layers.norm import TorchBatchNorm  # noqa: E402
 from attention_flax.models import count_params  # noqa: E402
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
+from tests.models.test_resnet import TIMM_PARAMS  # noqa: E402  (timm 1.0.31, 1000 classes)
 
 MOMENTUM = 0.1  # PyTorch's default batch-norm momentum
 SUPPORTED = ["cbam_resnet18", "cbam_resnet50", "ecaresnet50d", "resnet101", "resnet152",
              "resnet18", "resnet34", "resnet50", "resnet50d", "seresnet101", "seresnet152",
              "seresnet18", "seresnet34", "seresnet50"]
-# timm 1.0.31, 1000 classes.
-TIMM_PARAMS = {
-    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
-    "resnet101": 44_549_160, "resnet152": 60_192_808, "resnet50d": 25_576_264,
-    "seresnet18": 11_779_624, "seresnet34": 21_960_416, "seresnet50": 28_088_024,
-    "seresnet101": 49_326_872, "seresnet152": 66_821_848, "ecaresnet50d": 25_576_350,
-    "cbam_resnet50": 28_073_576, "cbam_resnet18": 11_777_352,
-}
 
 
 def build_timm(name: str):

@@ -41,6 +41,7 @@ JSON (``--out``): a list of objects, each with ``kind``:
     torch_step_time_{median,min,max}_s, torch_images_per_second, torch_first_step_s,
     throughput_ratio_vs_torch (ours images/s / torch's: > 1 means we are faster),
     torch_note.
+  "conv" (with ``--convs``): single convolution layers, see ``train/bench_conv.py``.
   "sampler": shape (N, H, W, C), step_time_{median,min,max}_s of ``grid_sample`` forward +
     backward (gradients for image and grid), compile_time_s, and with torch the same
     torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
@@ -66,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import bench_conv
 from train.bench_torch import TorchStep, _TorchSampler, torch_model  # noqa: F401
 
 DEFAULT_MODELS = "resnet50,seresnet50,cbam_resnet50,ecaresnet50d,attention56"
@@ -364,6 +366,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                  f"({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) "
                  f"| {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
                  f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
+  out += bench_conv.markdown(rows)
   for r in rows:
     if r["kind"] == "pipeline":
       out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
@@ -387,6 +390,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--data", default="digits", help="--pipeline data: digits | cifar10_mock")
   p.add_argument("--pipeline_batches", type=int, default=20)
   p.add_argument("--sampler", action="store_true")
+  p.add_argument("--convs", action="store_true",
+                 help="also time single convolutions: XLA's kernel gradient against ours")
+  p.add_argument("--conv_shapes", default=";".join(",".join(map(str, s))
+                                                   for s in bench_conv.CONV_SHAPES),
+                 help="N,H,C_in,C_out,kernel,stride groups separated by ';'")
   p.add_argument("--sampler_shapes", default=";".join(",".join(map(str, s))
                                                       for s in SAMPLER_SHAPES),
                  help="N,H,W,C shapes separated by ';'")
@@ -396,6 +404,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       raise ValueError(f"--{key} must be >= 1; got {getattr(args, key)}.")
   if args.data not in ("digits", "cifar10_mock"):
     raise ValueError(f"Unknown --data={args.data!r}; choose digits or cifar10_mock.")
+  try:
+    args.conv_shapes = [tuple(int(v) for v in group.split(","))
+                        for group in args.conv_shapes.split(";")]
+  except ValueError:
+    args.conv_shapes = [()]
+  if any(len(shape) != 6 or min(shape) < 1 for shape in args.conv_shapes):
+    raise ValueError("--conv_shapes takes N,H,C_in,C_out,kernel,stride groups of positive "
+                     "integers separated by ';', e.g. 128,32,16,16,3,1.")
   if args.warmup < 0 or (args.size is not None and args.size < 1):
     raise ValueError("--warmup must be >= 0 and --size >= 1.")
   return args
@@ -429,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--sampler_shapes takes N,H,W,C groups; got {args.sampler_shapes!r}.")
       rows += bench_sampler(shapes, warmup=args.warmup, repeats=args.repeats,
                             against=args.against)
+    if args.convs:
+      rows += bench_conv.bench_convs(args.conv_shapes, warmup=args.warmup, repeats=args.repeats,
+                                     against=args.against)
     if args.pipeline:
       # The fastest model is the hardest consumer to keep fed.
       first = max(model_rows, key=lambda r: r["images_per_second"])

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from attention_flax.conv import conv_general_dilated
 from attention_flax.layers.common import check_images, get_act
 
 Array = jax.Array
@@ -147,7 +148,8 @@ class ResidualUnit(nn.Module):
       pad = (kernel - 1) // 2
       return nn.Conv(out, (kernel, kernel), strides=(conv_stride, conv_stride),
                      padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-                     param_dtype=self.param_dtype, kernel_init=_conv_init, name=conv_name)
+                     param_dtype=self.param_dtype, kernel_init=_conv_init,
+                     conv_general_dilated=conv_general_dilated, name=conv_name)
 
     pre = act(_batch_norm(self, "bn1", x, train))
     y = conv(width, 1, 1, "conv1")(pre)
@@ -267,6 +269,7 @@ class ResidualAttention(nn.Module):
       mask = act(_batch_norm(self, f"mask_bn{k}", mask, train))
       mask = nn.Conv(features, (1, 1), padding=((0, 0), (0, 0)), use_bias=False,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_conv_init,
+                     conv_general_dilated=conv_general_dilated,
                      name=f"mask_conv{k}")(mask)
     mask = get_act(self.gate)(mask).astype(trunk.dtype)
     self.sow("intermediates", "residual_mask", mask)

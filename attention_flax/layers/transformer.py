@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from attention_flax.conv import conv_general_dilated
 from attention_flax.layers.common import check_images, get_act
 
 Array = jax.Array
@@ -275,7 +276,8 @@ class LocalizationNet(nn.Module):
     y = x
     for i, (feat, k) in enumerate(zip(self.features, self.kernel_sizes), start=1):
       y = nn.Conv(feat, (k, k), padding="VALID", dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=f"conv{i}")(y)
+                  param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated,
+                  name=f"conv{i}")(y)
       y = act(nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID"))
     ph = jnp.asarray(_adaptive_avg_matrix(y.shape[1], self.pool_size[0]), y.dtype)
     pw = jnp.asarray(_adaptive_avg_matrix(y.shape[2], self.pool_size[1]), y.dtype)

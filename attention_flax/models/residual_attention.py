@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attention_flax.conv import conv_general_dilated
 from attention_flax.layers.common import check_images, get_act
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
 from attention_flax.models.common import ModelEntry
@@ -132,7 +133,7 @@ class ResidualAttentionNet(nn.Module):
                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                name="stem_conv")(x)
+                conv_general_dilated=conv_general_dilated, name="stem_conv")(x)
     if self.stem_norm:
       x = self._norm_act(x, "stem_bn", train)
     if self.stem_pool:

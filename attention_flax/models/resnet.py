@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from attention_flax.conv import conv_general_dilated
 from attention_flax.layers import ATTENTIONS, list_attentions
 from attention_flax.layers.common import check_images, get_act
+from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.models.common import ModelEntry
 
 Array = jax.Array
@@ -42,9 +44,12 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's nn.Linear default: uniform on +-1/sqrt(fan_in).
 fc_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-DEFAULT_CONV = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+# The kernel gradient of attention_flax.conv is a patch-matrix product on CPU (several times
+# faster there than XLA's own); other backends keep XLA's gradient.
+DEFAULT_CONV = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
+                                 conv_general_dilated=conv_general_dilated)
 # PyTorch's BatchNorm2d defaults: momentum 0.1 (Flax's 0.9) and epsilon 1e-5.
-DEFAULT_NORM = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+DEFAULT_NORM = functools.partial(TorchBatchNorm, momentum=0.9, epsilon=1e-5)
 
 STEMS = ("classic", "deep", "cifar")
 DOWNSAMPLES = ("conv", "avg", "pad")
@@ -269,7 +274,10 @@ class ResNet(nn.Module):
     num_classes: logits of the ``fc`` head.
     zero_init_last: zero-initialise the last BN scale of every block (timm's default).
     bn_momentum, bn_epsilon: Flax convention (0.9 == PyTorch's momentum 0.1).
-    conv, norm, act: layer factories injected into stem and blocks.
+    conv, norm, act: layer factories injected into stem and blocks. ``norm`` defaults to
+      :class:`TorchBatchNorm` (PyTorch's unbiased running variance, as the attention
+      layers' batch norms), so running statistics evolve as timm's;
+      ``flax.linen.BatchNorm`` takes the same arguments and variable names.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   stage_sizes: Sequence[int]
@@ -285,7 +293,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv: ModuleDef = DEFAULT_CONV
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = TorchBatchNorm
   act: str | Callable[[Array], Array] = "relu"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

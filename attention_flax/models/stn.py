@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attention_flax.conv import conv_general_dilated
 from attention_flax.layers.common import check_images, get_act
 from attention_flax.layers.transformer import SpatialTransformer
 from attention_flax.models.common import ModelEntry
@@ -62,7 +63,8 @@ class DigitsCNN(nn.Module):
     y = x.astype(self.dtype)
     for i, feat in enumerate(self.features, start=1):
       y = nn.Conv(feat, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
-                  dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i}")(y)
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  conv_general_dilated=conv_general_dilated, name=f"conv{i}")(y)
       y = nn.max_pool(act(y), (2, 2), strides=(2, 2), padding="VALID")
       self.sow("intermediates", f"stage{i}", y)
     y = y.reshape(y.shape[0], -1)

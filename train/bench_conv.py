@@ -1,0 +1,144 @@
+"""Convolution layers alone: forward + both gradients, XLA's and ``attention_flax.conv``'s.
+
+``python -m train.bench --convs`` runs this on the layer shapes of the CIFAR ResNet-20s and
+of ResNet-50's first stages (``CONV_SHAPES``) or on ``--conv_shapes``. Per shape, three
+jitted functions of the same random input, kernel and output cotangent are timed,
+interleaved round by round: the forward alone, forward + input and kernel gradients
+through ``lax.conv_general_dilated`` (XLA's own kernel gradient), and the same through
+``attention_flax.conv.conv_general_dilated`` (the patch-matrix kernel gradient on CPU);
+with ``--against=torch`` also ``F.conv2d`` forward + ``backward()`` in channels_last.
+
+Rows (``kind`` "conv"): shape [N, H, W, C_in, C_out, k, stride], gflop (one forward, a
+multiply-add counted as 2), forward_s, lax_step_s, ours_step_s (medians, fwd + both grads),
+speedup_vs_lax (lax_step_s / ours_step_s), and with torch torch_step_s and
+throughput_ratio_vs_torch (torch_step_s / ours_step_s: > 1 means we are faster).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from attention_flax import conv
+
+# (N, H, C_in, C_out, kernel, stride) on square maps.
+CONV_SHAPES = (
+    (128, 32, 16, 16, 3, 1),  # CIFAR ResNet-20, stage 1
+    (128, 32, 16, 32, 3, 2),  # stage 2's first convolution
+    (128, 16, 32, 32, 3, 1),
+    (128, 8, 64, 64, 3, 1),
+    (16, 112, 3, 64, 7, 2),  # ResNet-50's stem on a 112x112 input
+    (16, 28, 64, 64, 3, 1),  # ResNet-50 stage 1 at 112x112 input
+    (16, 28, 64, 256, 1, 1),
+    (16, 28, 256, 64, 1, 1),
+    (16, 14, 128, 128, 3, 1),
+)
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _pads(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  p = (k - 1) // 2
+  return ((p, p), (p, p))
+
+
+class _Conv:
+  """The three jitted functions of one shape, and their times."""
+
+  def __init__(self, shape: Sequence[int], seed: int = 0):
+    n, h, cin, cout, k, s = shape
+    rs = np.random.RandomState(seed)
+    x = jnp.asarray(rs.standard_normal((n, h, h, cin)).astype(np.float32))
+    w = jnp.asarray(rs.standard_normal((k, k, cin, cout)).astype(np.float32) / np.sqrt(k * k * cin))
+    forward = lambda fn: lambda x, w: fn(x, w, (s, s), _pads(k), dimension_numbers=_NHWC)  # noqa: E731
+    ho = (h + 2 * ((k - 1) // 2) - k) // s + 1
+    g = jnp.asarray(rs.standard_normal((n, ho, ho, cout)).astype(np.float32))
+
+    def step(fn):
+      def both(x, w, g):
+        y, vjp = jax.vjp(forward(fn), x, w)
+        return vjp(g)
+      return jax.jit(both)
+
+    self.fns = {"forward": (jax.jit(forward(lax.conv_general_dilated)), (x, w)),
+                "lax": (step(lax.conv_general_dilated), (x, w, g)),
+                "ours": (step(conv.conv_general_dilated), (x, w, g))}
+    for fn, args in self.fns.values():
+      jax.block_until_ready(fn(*args))
+    self.times: dict[str, list[float]] = {key: [] for key in self.fns}
+    self.shape = [n, h, h, cin, cout, k, s]
+    self.gflop = 2.0 * n * ho * ho * k * k * cin * cout / 1e9
+    self.torch_args = (np.asarray(x), np.asarray(w), np.asarray(g), s, (k - 1) // 2)
+
+  def run(self, record: bool) -> None:
+    for key, (fn, args) in self.fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      if record:
+        self.times[key].append(time.perf_counter() - start)
+
+
+class _TorchConv:
+  def __init__(self, ours: _Conv):
+    import torch
+    self.torch = torch
+    x, w, g, self.stride, self.pad = ours.torch_args
+    cl = torch.channels_last
+    self.x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(memory_format=cl)
+    self.w = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).to(memory_format=cl)
+    self.g = torch.from_numpy(g.transpose(0, 3, 1, 2).copy()).to(memory_format=cl)
+    self.x.requires_grad_(True)
+    self.w.requires_grad_(True)
+    self.times: list[float] = []
+
+  def run(self, record: bool) -> None:
+    start = time.perf_counter()
+    y = self.torch.nn.functional.conv2d(self.x, self.w, stride=self.stride, padding=self.pad)
+    y.backward(self.g)
+    self.x.grad, self.w.grad = None, None
+    if record:
+      self.times.append(time.perf_counter() - start)
+
+
+def bench_convs(shapes: Sequence[Sequence[int]], *, warmup: int, repeats: int,
+                against: str | None = None) -> list[dict[str, Any]]:
+  """One "conv" row per (N, H, C_in, C_out, k, stride) shape (module docstring)."""
+  rows = []
+  for shape in shapes:
+    ours = _Conv(shape)
+    theirs = _TorchConv(ours) if against == "torch" else None
+    for r in range(warmup + repeats):
+      ours.run(r >= warmup)
+      if theirs is not None:
+        theirs.run(r >= warmup)
+    med = {key: statistics.median(t) for key, t in ours.times.items()}
+    row = {"kind": "conv", "shape": ours.shape, "gflop": ours.gflop,
+           "forward_s": med["forward"], "lax_step_s": med["lax"], "ours_step_s": med["ours"],
+           "speedup_vs_lax": med["lax"] / med["ours"]}
+    if theirs is not None:
+      row["torch_step_s"] = statistics.median(theirs.times)
+      row["throughput_ratio_vs_torch"] = row["torch_step_s"] / med["ours"]
+    rows.append(row)
+  return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+  convs = [r for r in rows if r["kind"] == "conv"]
+  if not convs:
+    return []
+  out = ["", "| conv (N, H, W, C_in, C_out, k, s) | GFLOP fwd | fwd s | fwd+grads s, XLA "
+         "| fwd+grads s, ours | ours vs XLA | torch s | ours/torch |",
+         "|---|---|---|---|---|---|---|---|"]
+  for r in convs:
+    torch_s = r.get("torch_step_s")
+    ratio = r.get("throughput_ratio_vs_torch")
+    out.append(f"| {tuple(r['shape'])} | {r['gflop']:.3f} | {r['forward_s']:.4f} "
+               f"| {r['lax_step_s']:.4f} | {r['ours_step_s']:.4f} | {r['speedup_vs_lax']:.2f}x "
+               f"| {'-' if torch_s is None else format(torch_s, '.4f')} "
+               f"| {'-' if ratio is None else format(ratio, '.2f')} |")
+  return out

@@ -27,11 +27,13 @@ How names and layouts map (timm key -> Flax path):
   ``running_var`` -> batch_stats ``mean``/``var``; ``num_batches_tracked`` is ignored.
 
 The models are built with :class:`~attention_flax.layers.norm.TorchBatchNorm` in their
-residual trunk, so that training continues with PyTorch's running-variance rule.
+residual trunk, and the batch norms inside the attention layers (CBAM's spatial gate) use
+it by default, so that training continues with PyTorch's running-variance rule everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -246,21 +248,50 @@ def from_timm(name: str, state_dict: Mapping[str, Any], **overrides: Any
     raise ValueError("num_classes is read from 'fc.weight'; do not pass it.")
   overrides.setdefault("norm", TorchBatchNorm)
   model = create_model(model_name, num_classes=_num_classes(state), **overrides)
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32))
-  return model, convert_variables(abstract, state, linear=(("fc",),),
+  return model, convert_variables(_abstract_variables(model), state, linear=(("fc",),),
                                   what=f"timm {model_name!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_abstract_variables(model: nn.Module) -> dict[str, Any]:
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32))
+
+
+def _abstract_variables(model: nn.Module) -> dict[str, Any]:
+  """The variable shapes of ``model``, traced once per distinct model (tracing a
+  ResNet-152 takes seconds; the result is a small tree of ``ShapeDtypeStruct``s)."""
+  try:
+    hash(model)
+  except TypeError:  # an unhashable field (e.g. an attn_kwargs dict): trace every time
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32))
+  return _cached_abstract_variables(model)
+
+
+def _widen_to_numpy(value: jax.Array) -> np.ndarray:
+  """A numpy array; floating types numpy lacks (bfloat16, float8) become float32."""
+  if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype not in (
+      np.float16, np.float32, np.float64):
+    value = value.astype(jnp.float32)
+  return np.asarray(value)
 
 
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
   suffix = path.suffix.lower()
   if suffix == ".safetensors":
     try:
-      from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+      from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
     except ImportError as err:
       raise ImportError(f"Reading .safetensors needs the safetensors package: "
                         f"{_PARITY_EXTRA}.") from err
-    return load_file(str(path))
+    try:
+      return st_numpy.load_file(str(path))
+    except TypeError:
+      # numpy has no bfloat16 (nor float8): such files are read as JAX arrays, which have
+      # these types, and widened to float32 as the torch path does.
+      from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
+      return {k: _widen_to_numpy(v) for k, v in st_flax.load_file(str(path)).items()}
   if suffix in (".pth", ".pt", ".bin"):
     try:
       import torch  # pylint: disable=import-outside-toplevel

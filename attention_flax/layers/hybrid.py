@@ -22,9 +22,11 @@ from flax import linen as nn
 
 from attention_flax.layers.channel import ChannelMlp
 from attention_flax.layers.common import check_images, get_act, reduced_width
+from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import SpatialAttention
 
 Array = jax.Array
+ModuleDef = Callable[..., nn.Module]
 
 
 class CBAMChannel(nn.Module):
@@ -69,7 +71,9 @@ class CBAM(nn.Module):
   as (mean, max), 7x7 conv without bias followed by BatchNorm, sigmoid gates; for C = 256
   that is 2 * 256 * 16 + 2 * 7 * 7 + 2 = 8292 parameters. The CBAM authors' code stacks
   (max, mean) and, inside its ResNet, starts the spatial BatchNorm's scale at zero.
-  Input and output (N, H, W, C).
+  ``norm`` is the factory of that BatchNorm (see :class:`SpatialAttention`); the default
+  ``TorchBatchNorm`` updates its running variance as PyTorch does (unbiased), so a train
+  step moves the statistics exactly as timm's. Input and output (N, H, W, C).
   """
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
@@ -77,6 +81,7 @@ class CBAM(nn.Module):
   kernel_size: int = 7
   pool_order: Sequence[str] = ("mean", "max")
   spatial_bn: bool = True
+  norm: ModuleDef = TorchBatchNorm
   mlp_bias: bool = False
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
@@ -91,8 +96,9 @@ class CBAM(nn.Module):
                     gate=self.gate, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="channel")(x, train)
     return SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
-                            use_bn=self.spatial_bn, gate=self.gate, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="spatial")(x, train)
+                            use_bn=self.spatial_bn, norm=self.norm, gate=self.gate,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="spatial")(x, train)
 
 
 _FUSIONS = ("scale", "add", "both")

@@ -7,9 +7,11 @@
 
 1x1 convolutions on pooled strips are written as ``nn.Dense`` over the channel axis; a
 timm/PyTorch weight (O, I, 1, 1) is the Dense kernel ``w[:, :, 0, 0].T`` (I, O). Batch norms
-use momentum 0.9 and epsilon 1e-5 (PyTorch's 0.1 and 1e-5), so their parameters and running
-statistics map 1:1 onto timm's; they compute in float32 whatever ``dtype`` is. Gates are
-computed in ``dtype`` and applied in the input's dtype.
+come from the ``norm`` field, by default :class:`~attention_flax.layers.norm.TorchBatchNorm`
+(momentum 0.9 and epsilon 1e-5, PyTorch's 0.1 and 1e-5, and PyTorch's unbiased running
+variance), so their parameters and running statistics map 1:1 onto timm's and evolve as
+timm's do in training; they compute in float32 whatever ``dtype`` is. Gates are computed in
+``dtype`` and applied in the input's dtype.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax.layers.common import check_images, get_act, make_divisible
+from attention_flax.layers.norm import TorchBatchNorm
 
 Array = jax.Array
+ModuleDef = Callable[..., nn.Module]
 
 _CHANNEL_POOLS: dict[str, Callable[[Array], Array]] = {
     "max": lambda x: jnp.max(x, axis=-1, keepdims=True),
@@ -30,13 +34,21 @@ _CHANNEL_POOLS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-def _batch_norm(y: Array, train: bool, param_dtype: Any, name: str) -> Array:
-  """PyTorch-compatible BatchNorm (momentum 0.1 there, 0.9 here; epsilon 1e-5) computed in
-  float32 and returned in ``y``'s dtype: statistics of low-precision activations are kept
-  in float32, and the float32 running statistics never meet bfloat16 activations."""
-  out = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=jnp.float32, param_dtype=param_dtype,
-                     name=name)(y.astype(jnp.float32))
+def _batch_norm(norm: ModuleDef, y: Array, train: bool, param_dtype: Any, name: str) -> Array:
+  """Applies the child ``norm(name=name, ...)`` to ``y`` in float32; returns ``y``'s dtype.
+
+  ``norm`` is a module factory called with ``use_running_average``, ``dtype``,
+  ``param_dtype`` and ``name`` only, so that momentum and epsilon stay whatever the factory
+  sets (``TorchBatchNorm``: 0.9 and 1e-5). Statistics of low-precision activations are
+  kept in float32, and the float32 running statistics never meet bfloat16 activations
+  (strict dtype promotion would refuse the mix).
+  """
+  if not callable(norm):
+    raise TypeError(
+        f"norm must be a module factory such as TorchBatchNorm or "
+        f"functools.partial(flax.linen.BatchNorm, momentum=0.9, epsilon=1e-5); got {norm!r}.")
+  out = norm(use_running_average=not train, dtype=jnp.float32, param_dtype=param_dtype,
+             name=name)(y.astype(jnp.float32))
   return out.astype(y.dtype)
 
 
@@ -65,10 +77,16 @@ class SpatialAttention(nn.Module):
     kernel_size: odd size of the square convolution (CBAM uses 7).
     pool_order: the order of the two pooled maps fed to the convolution.
     use_bn: BatchNorm after the convolution (timm's CBAM has it).
+    norm: factory of ``bn``, called with ``use_running_average``, ``dtype``,
+      ``param_dtype`` and ``name`` only (momentum and epsilon are the factory's). The
+      default ``TorchBatchNorm`` stores PyTorch's unbiased running variance, as timm does;
+      ``functools.partial(flax.linen.BatchNorm, momentum=0.9, epsilon=1e-5)`` stores Flax's
+      biased one. Both have the variables ``scale``, ``bias``, ``mean``, ``var``.
   """
   kernel_size: int = 7
   pool_order: Sequence[str] = ("max", "mean")
   use_bn: bool = False
+  norm: ModuleDef = TorchBatchNorm
   gate: str | Callable = "sigmoid"
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -87,7 +105,7 @@ class SpatialAttention(nn.Module):
     logits = nn.Conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)], use_bias=False,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(pooled)
     if self.use_bn:
-      logits = _batch_norm(logits, train, self.param_dtype, "bn")
+      logits = _batch_norm(self.norm, logits, train, self.param_dtype, "bn")
     mask = get_act(self.gate)(logits)
     self.sow("intermediates", "spatial_mask", mask)
     return x * mask.astype(x.dtype)
@@ -107,13 +125,15 @@ class CoordAttention(nn.Module):
   rd_divisor))``: the paper's ``max(8, C // 32)`` up to rounding. timm's ``CoordAttn``
   scales its ratio by 2/3 (default 1/16 * 2/3): pass ``rd_ratio=1/24`` for its widths.
   Biases follow timm (none on any of the three layers, ``use_bias=False``); the authors'
-  code keeps PyTorch's default biases (``use_bias=True``).
+  code keeps PyTorch's default biases (``use_bias=True``). ``norm`` is the factory of
+  ``bn1``, as in :class:`SpatialAttention` (default ``TorchBatchNorm``: PyTorch's rule).
   """
   rd_ratio: float = 1.0 / 32
   rd_divisor: int = 8
   rd_channels: int | None = None
   min_channels: int = 8
   use_bias: bool = False
+  norm: ModuleDef = TorchBatchNorm
   act: str | Callable = "hard_swish"
   gate: str | Callable = "sigmoid"
   dtype: Any = None
@@ -138,7 +158,7 @@ class CoordAttention(nn.Module):
 
     strips = jnp.concatenate([jnp.mean(x, axis=2), jnp.mean(x, axis=1)], axis=1)
     y = dense(mip, "conv1")(strips)
-    y = _batch_norm(y, train, self.param_dtype, "bn1")
+    y = _batch_norm(self.norm, y, train, self.param_dtype, "bn1")
     y = get_act(self.act)(y)
     gate = get_act(self.gate)
     gate_h = gate(dense(channels, "conv_h")(y[:, :height]))[:, :, None, :]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import linen as nn
 
 from attention_flax.layers.hybrid import CBAM, CBAMChannel, GlobalContext
 from attention_flax.layers.spatial import SpatialAttention
@@ -108,6 +111,24 @@ def test_cbam_train_step_updates_only_the_spatial_batch_norm():
   assert set(state["batch_stats"]) == {"spatial"}
   assert float(jnp.abs(new["mean"] - old["mean"]).max()) > 1e-4
   assert float(jnp.abs(new["var"] - old["var"]).max()) > 1e-6
+
+
+def test_cbam_norm_reaches_the_spatial_batch_norm():
+  """Default: PyTorch's unbiased running variance; a Flax BatchNorm factory: the biased one.
+  From unit running variance both store 0.9 + 0.1 * v, v scaled by n / (n - 1) or not."""
+  x = _images((2, 4, 4, 16))
+  variables = CBAM().init(jax.random.key(0, impl="rbg"), x)
+
+  def running_var(**kwargs):
+    _, state = CBAM(**kwargs).apply(variables, x, train=True, mutable=["batch_stats"])
+    return np.asarray(state["batch_stats"]["spatial"]["bn"]["var"])
+
+  torch_rule = running_var()
+  flax_rule = running_var(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5))
+  assert float(flax_rule[0] - 0.9) > 1e-3  # a batch variance large enough to tell apart
+  count = 2 * 4 * 4  # values per channel seen by the spatial BatchNorm
+  np.testing.assert_allclose(torch_rule - 0.9, (flax_rule - 0.9) * count / (count - 1),
+                             rtol=1e-5)
 
 
 def test_cbam_without_spatial_bn_and_with_mlp_bias():

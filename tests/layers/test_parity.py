@@ -3,13 +3,15 @@
 Each attention layer gets the weights of a randomly initialised timm module (through
 ``attention_flax.convert.convert_variables``, the converter the models use) and must give
 the same output on the same random input (NCHW there, NHWC here); ``affine_grid`` and
-``grid_sample`` must match ``torch.nn.functional`` in values and gradients. Batch norms
-hard-coded as ``flax.linen.BatchNorm`` inside CBAM and CoordAttention keep Flax's biased
-running variance: the tests pin that difference exactly rather than hide it.
+``grid_sample`` must match ``torch.nn.functional`` in values and gradients. In train mode
+the batch norms inside CBAM and CoordAttention (``TorchBatchNorm`` by default) must leave
+the running mean and variance PyTorch leaves, and the Flax factory the layers also accept
+must differ from them by exactly the n / (n - 1) of the biased variance.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -124,13 +126,23 @@ def test_eca_matches_timm(channels, kernel):
   np.testing.assert_allclose(out, _nhwc(ref(x_t)), atol=TOL, rtol=0)
 
 
-def _check_flax_running_var(ours_var, old_var, torch_var, count):
-  """Flax folds the biased batch variance into its running variance, PyTorch the
-  unbiased one: recover the batch variance from PyTorch's update and redo Flax's."""
-  unbiased = (np.asarray(torch_var) - (1 - MOMENTUM) * old_var) / MOMENTUM
-  expected = (1 - MOMENTUM) * old_var + MOMENTUM * unbiased * (count - 1) / count
-  np.testing.assert_allclose(ours_var, expected, atol=1e-5, rtol=1e-5)
-  assert not np.allclose(ours_var, torch_var, atol=1e-6, rtol=0)  # the difference is real
+FLAX_BN = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+def _check_running_stats(stats, old, torch_bn, count):
+  """Our updated statistics equal PyTorch's after one train-mode forward."""
+  moved_mean = torch_bn.running_mean.numpy()
+  moved_var = torch_bn.running_var.numpy()
+  assert not np.allclose(moved_var, old["var"], atol=1e-3, rtol=0)  # the forward moved them
+  np.testing.assert_allclose(stats["mean"], moved_mean, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(stats["var"], moved_var, atol=1e-6, rtol=1e-6)
+  # PyTorch folds in the unbiased batch variance: recovered from its update, the biased
+  # one is what Flax's rule would have stored instead.
+  unbiased = (moved_var - (1 - MOMENTUM) * old["var"]) / MOMENTUM
+  biased = (1 - MOMENTUM) * old["var"] + MOMENTUM * unbiased * (count - 1) / count
+  # The two rules differ by far more than the tolerance of the equality above.
+  assert not np.allclose(biased, moved_var, atol=1e-5, rtol=0)
+  return biased
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -142,18 +154,20 @@ def test_cbam_matches_timm(train):
   x_t, x = _images((2, 32, 6, 5), seed=3)
   ours = CBAM()
   variables = _convert(ours, ref, x)
-  old = {k: v.clone().numpy() for k, v in ref.state_dict().items()}
+  old = {"var": ref.spatial.conv.bn.running_var.clone().numpy()}
   out, state = _apply(ours, variables, x, train)
   np.testing.assert_allclose(out, _nhwc(ref(x_t)), atol=TOL, rtol=0)
   inter = state["intermediates"]
   assert inter["channel"]["channel_gate"][0].shape == (2, 1, 1, 32)
   assert inter["spatial"]["spatial_mask"][0].shape == (2, 6, 5, 1)
   if train:
-    stats = state["batch_stats"]["spatial"]["bn"]
-    np.testing.assert_allclose(stats["mean"], ref.spatial.conv.bn.running_mean.numpy(),
+    # 2 * 6 * 5 = 60 values per channel reach the spatial gate's BatchNorm.
+    biased = _check_running_stats(state["batch_stats"]["spatial"]["bn"], old,
+                                  ref.spatial.conv.bn, count=2 * 6 * 5)
+    out_flax, state_flax = _apply(CBAM(norm=FLAX_BN), variables, x, train)
+    np.testing.assert_allclose(out_flax, out, atol=1e-6, rtol=0)  # same normalisation
+    np.testing.assert_allclose(state_flax["batch_stats"]["spatial"]["bn"]["var"], biased,
                                atol=1e-6, rtol=1e-6)
-    _check_flax_running_var(stats["var"], old["spatial.conv.bn.running_var"],
-                            ref.spatial.conv.bn.running_var, count=2 * 6 * 5)
 
 
 @pytest.mark.parametrize("fuse", ["scale", "both"])
@@ -188,7 +202,7 @@ def test_coord_attention_matches_timm(train):
   ours = CoordAttention(rd_ratio=1.0 / 16 * 2.0 / 3.0)
   variables = _convert(ours, ref, x)
   assert variables["params"]["conv1"]["kernel"].shape == (384, 16)
-  old_var = ref.bn1.running_var.clone().numpy()
+  old = {"var": ref.bn1.running_var.clone().numpy()}
   out, state = _apply(ours, variables, x, train)
   np.testing.assert_allclose(out, _nhwc(ref(x_t)), atol=TOL, rtol=0)
   inter = state["intermediates"]
@@ -196,11 +210,14 @@ def test_coord_attention_matches_timm(train):
   np.testing.assert_allclose(inter["coord_gate_h"][0], _nhwc(gates[0]), atol=TOL, rtol=0)
   np.testing.assert_allclose(inter["coord_gate_w"][0], _nhwc(gates[1]), atol=TOL, rtol=0)
   if train:
-    stats = state["batch_stats"]["bn1"]
-    np.testing.assert_allclose(stats["mean"], ref.bn1.running_mean.numpy(), atol=1e-6,
+    # Statistics over N and the H + W strip positions: 2 * (3 + 4) = 14 values, so the
+    # unbiased and biased rules differ by 14 / 13.
+    biased = _check_running_stats(state["batch_stats"]["bn1"], old, ref.bn1,
+                                  count=2 * (3 + 4))
+    flax_layer = CoordAttention(rd_ratio=1.0 / 16 * 2.0 / 3.0, norm=FLAX_BN)
+    _, state_flax = _apply(flax_layer, variables, x, train)
+    np.testing.assert_allclose(state_flax["batch_stats"]["bn1"]["var"], biased, atol=1e-6,
                                rtol=1e-6)
-    # Statistics over N and the H + W strip positions.
-    _check_flax_running_var(stats["var"], old_var, ref.bn1.running_var, count=2 * (3 + 4))
 
 
 def test_torch_batch_norm_follows_pytorch_over_two_steps_then_evaluates():
@@ -264,6 +281,23 @@ def test_affine_grid_matches_torch(align_corners):
   np.testing.assert_allclose(ours, ref.numpy(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_affine_grid_gradient_matches_torch(align_corners):
+  theta_t = _random_theta(14).requires_grad_(True)
+  weights_t = torch.randn(2, 5, 7, 2, generator=torch.Generator().manual_seed(15))
+  loss = (F.affine_grid(theta_t, (2, 3, 5, 7), align_corners=align_corners) * weights_t).sum()
+  (dtheta_t,) = torch.autograd.grad(loss, (theta_t,))
+  weights = jnp.asarray(weights_t.numpy())
+
+  def our_loss(theta):
+    return jnp.sum(affine_grid(theta, (2, 5, 7), align_corners=align_corners) * weights)
+
+  with jax.default_matmul_precision("highest"):
+    dtheta = jax.grad(our_loss)(jnp.asarray(theta_t.detach().numpy()))
+  np.testing.assert_allclose(dtheta, dtheta_t.numpy(), atol=1e-5, rtol=1e-5)
+  assert np.abs(dtheta_t.numpy()).min() > 1e-3  # every entry of theta gets a gradient
+
+
 def _sampler_case(seed):
   """Images (2, 5, 6, 3) and a (2, 4, 7) grid in [-1.6, 1.6]: about a third of the points
   fall outside the image, where the padding modes differ."""
@@ -287,22 +321,23 @@ def test_grid_sample_values_match_torch(mode, padding_mode, align_corners):
   np.testing.assert_allclose(ours, _nhwc(ref), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("padding_mode, align_corners",
-                         list(itertools.product(["zeros", "border", "reflection"],
-                                                [False, True])))
-def test_grid_sample_gradients_match_torch(padding_mode, align_corners):
+@pytest.mark.parametrize(
+    "mode, padding_mode, align_corners",
+    list(itertools.product(["bilinear", "nearest"], ["zeros", "border", "reflection"],
+                           [False, True])))
+def test_grid_sample_gradients_match_torch(mode, padding_mode, align_corners):
   x_t, grid_t = _sampler_case(12)
   x_t.requires_grad_(True)
   grid_t.requires_grad_(True)
   weights_t = torch.randn(2, 3, 4, 7, generator=torch.Generator().manual_seed(13))
-  loss = (F.grid_sample(x_t, grid_t, mode="bilinear", padding_mode=padding_mode,
+  loss = (F.grid_sample(x_t, grid_t, mode=mode, padding_mode=padding_mode,
                         align_corners=align_corners) * weights_t).sum()
   dx_t, dgrid_t = torch.autograd.grad(loss, (x_t, grid_t))
 
   weights = jnp.asarray(weights_t.numpy().transpose(0, 2, 3, 1))
 
   def our_loss(x, grid):
-    out = grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode,
+    out = grid_sample(x, grid, mode=mode, padding_mode=padding_mode,
                       align_corners=align_corners)
     return jnp.sum(out * weights)
 
@@ -310,5 +345,10 @@ def test_grid_sample_gradients_match_torch(padding_mode, align_corners):
       jnp.asarray(x_t.detach().numpy().transpose(0, 2, 3, 1)),
       jnp.asarray(grid_t.detach().numpy()))
   np.testing.assert_allclose(dx, _nhwc(dx_t), atol=1e-5, rtol=0)
+  assert np.abs(dx_t.numpy()).max() > 0.1  # the sampled pixels receive gradient
   np.testing.assert_allclose(dgrid, dgrid_t.numpy(), atol=1e-4, rtol=0)
-  assert np.abs(dgrid_t.numpy()).max() > 0.1  # the grid gradient is not trivially zero
+  if mode == "bilinear":
+    assert np.abs(dgrid_t.numpy()).max() > 0.1  # the grid gradient is not trivially zero
+  else:
+    # Nearest sampling is piecewise constant in the grid: PyTorch's grid gradient is 0.
+    assert not np.abs(dgrid_t.numpy()).any()

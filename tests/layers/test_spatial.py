@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import linen as nn
 
+from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import CoordAttention, SpatialAttention
+
+# The batch-norm factories the layers accept: the default keeps PyTorch's running-variance
+# rule (unbiased, n / (n - 1)), Flax's BatchNorm the biased one.
+NORMS = {"torch": (TorchBatchNorm, True),
+         "flax": (functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5), False)}
 
 
 def _images(shape, seed=0, positive=False):
@@ -91,21 +100,30 @@ def test_spatial_parameters():
   assert set(no_bn) == {"params"} and set(no_bn["params"]) == {"conv"}
 
 
-def test_spatial_batch_norm_train_step_uses_and_records_batch_statistics():
+def _running_var(batch_var, count, unbiased):
+  """0.9 * 1 + 0.1 * v from unit running variance; PyTorch's rule stores v * n / (n - 1)."""
+  return 0.9 + 0.1 * batch_var * (count / (count - 1) if unbiased else 1.0)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_spatial_batch_norm_train_step_uses_and_records_batch_statistics(norm):
   x = _images((3, 4, 5, 2))
   kernel = np.random.default_rng(4).normal(size=(7, 7, 2, 1)).astype(np.float32)
-  layer = SpatialAttention(use_bn=True)
+  factory, unbiased = NORMS[norm]
+  layer = SpatialAttention(use_bn=True, norm=factory)
   variables = {"params": {"conv": {"kernel": jnp.asarray(kernel)},
                           "bn": {"scale": jnp.full((1,), 1.5), "bias": jnp.full((1,), -0.5)}},
                "batch_stats": {"bn": {"mean": jnp.zeros((1,)), "var": jnp.ones((1,))}}}
   y, state = layer.apply(variables, x, train=True, mutable=["batch_stats"])
   z = _np_correlate(np.stack([x.max(-1), x.mean(-1)], axis=-1), kernel)
-  mean, var = z.mean(), z.var()   # Flax normalises and updates with the biased variance
+  mean, var = z.mean(), z.var()   # both normalise with the biased batch variance
   mask = _sigmoid((z - mean) / np.sqrt(var + 1e-5) * 1.5 - 0.5)[..., None]
   np.testing.assert_allclose(np.asarray(y), x * mask, rtol=1e-4, atol=1e-5)
   stats = state["batch_stats"]["bn"]
   np.testing.assert_allclose(np.asarray(stats["mean"]), [0.1 * mean], rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(stats["var"]), [0.9 + 0.1 * var], rtol=1e-4)
+  # 3 * 4 * 5 = 60 values per channel: PyTorch's rule stores 60/59 of the batch variance.
+  np.testing.assert_allclose(np.asarray(stats["var"]), [_running_var(var, 60, unbiased)],
+                             rtol=1e-5)
   # Evaluation uses the running statistics instead and leaves them alone.
   y_eval = layer.apply(variables, x)
   mask_eval = _sigmoid(z / np.sqrt(1.0 + 1e-5) * 1.5 - 0.5)[..., None]
@@ -189,19 +207,36 @@ def test_coord_attention_width(channels, kwargs, mip):
                     "conv_h": {"kernel": (mip, channels)}, "conv_w": {"kernel": (mip, channels)}}
 
 
-def test_coord_attention_train_records_statistics_over_both_strips():
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_coord_attention_train_records_statistics_over_both_strips(norm):
   x = _images((2, 3, 4, 6))
   variables = _coord_params(6, 3)
   variables["batch_stats"] = {"bn1": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}
-  _, state = CoordAttention(rd_channels=3).apply(variables, x, train=True,
-                                                 mutable=["batch_stats"])
+  factory, unbiased = NORMS[norm]
+  _, state = CoordAttention(rd_channels=3, norm=factory).apply(variables, x, train=True,
+                                                               mutable=["batch_stats"])
   strips = np.concatenate([x.mean(axis=2), x.mean(axis=1)], axis=1)
   z = strips @ np.asarray(variables["params"]["conv1"]["kernel"])     # (N, H + W, mip)
   stats = state["batch_stats"]["bn1"]
   np.testing.assert_allclose(np.asarray(stats["mean"]), 0.1 * z.mean(axis=(0, 1)),
                              rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(stats["var"]), 0.9 + 0.1 * z.var(axis=(0, 1)),
-                             rtol=1e-4)
+  # N * (H + W) = 2 * (3 + 4) = 14 values per channel.
+  np.testing.assert_allclose(np.asarray(stats["var"]),
+                             _running_var(z.var(axis=(0, 1)), 14, unbiased), rtol=1e-5)
+
+
+def test_default_norm_is_torch_batch_norm_with_pytorch_settings():
+  for layer in (SpatialAttention(), CoordAttention()):
+    assert layer.norm is TorchBatchNorm
+  bn = TorchBatchNorm()
+  assert (bn.momentum, bn.epsilon, bn.unbiased_running_var) == (0.9, 1e-5, True)
+
+
+@pytest.mark.parametrize("layer", [SpatialAttention(use_bn=True, norm="batch"),
+                                   CoordAttention(norm=None)])
+def test_norm_that_is_not_a_factory_is_a_type_error(layer):
+  with pytest.raises(TypeError, match="TorchBatchNorm"):
+    layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8)))
 
 
 # ----------------------------------------------------------------------------- contract

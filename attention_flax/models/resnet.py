@@ -90,7 +90,7 @@ def avg_pool_2x2_ceil(x: Array, stride: int = 2) -> Array:
   pad_h, count_h = plan(x.shape[1])
   pad_w, count_w = plan(x.shape[2])
   sums = jax.lax.reduce_window(
-      x, jnp.array(0, x.dtype), jax.lax.add, (1, 2, 2, 1), (1, stride, stride, 1),
+      x, np.zeros((), x.dtype), jax.lax.add, (1, 2, 2, 1), (1, stride, stride, 1),
       ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
   counts = jnp.asarray(np.outer(count_h, count_w), x.dtype)
   return sums / counts[None, :, :, None]

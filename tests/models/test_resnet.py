@@ -221,6 +221,42 @@ def test_avg_pool_ceil_mode_counts_real_elements(size):
     np.testing.assert_allclose(avg_pool_2x2_ceil(jnp.asarray(x))[0, 3, 3], x[0, 6, 6])
 
 
+def test_avg_pool_ceil_mode_gradient():
+  # Each input element gets 1 / (size of its window) from every window that holds it.
+  x = jnp.ones((1, 5, 5, 1))
+  grad = jax.grad(lambda x: jnp.sum(avg_pool_2x2_ceil(x)))(x)[0, :, :, 0]
+  per_axis = np.array([0.5, 0.5, 0.5, 0.5, 1.0])  # the last window of 5 holds one element
+  np.testing.assert_allclose(grad, np.outer(per_axis, per_axis), rtol=1e-6)
+
+
+# One tiny model per code path of the ResNet family: deep stem, average-pool shortcut and
+# bottlenecks ("d"), option-A shortcut (CIFAR), and the attention layers with batch norms
+# or softmax pools (the others are plain gates, differentiated in the layer tests).
+TRAINABLE = ["test_resnetd_tiny", "test_resnet_cifar_tiny", "test_resnet_tiny_cbam",
+             "test_resnet_tiny_coord", "test_resnet_tiny_gc"]
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_every_tiny_model_has_finite_nonzero_gradients(name):
+  """Reverse mode through every block kind in train mode (the trainer's step differentiates
+  exactly this), on the small input the model is registered for."""
+  model = create_model(name, num_classes=3)
+  info = model_info(name)
+  x = jax.random.normal(jax.random.key(1), (2, info.input_size, info.input_size,
+                                            info.in_channels))
+  variables = jax.jit(functools.partial(model.init, train=False))(KEY, x)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  leaves = jax.tree.leaves(grads)
+  assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+
+
 def test_avg_down_shortcut_on_odd_size():
   """ResNet-D block on 7x7, stride 2: residual branch zeroed (zero_init_last), identity 1x1
   projection, so the output is relu(avg_pool(x)) scaled by the BN's 1 / sqrt(1 + eps)."""

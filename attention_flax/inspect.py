@@ -193,6 +193,35 @@ def spatial_views(maps: Mapping[str, AttentionMap]) -> dict[str, Array]:
   return views
 
 
+# Kinds whose maps vary per channel and position, (N, h, w, C).
+PER_CHANNEL_KINDS = ("residual_mask", "gather_gate")
+
+
+def channel_views(maps: Mapping[str, AttentionMap], k: int = 3) -> dict[str, Array]:
+  """The ``k`` most spatially varied channels of every per-channel mask, as (N, h, w) maps.
+
+  A residual attention mask is mixed attention (Wang et al. 2017, sec. 3.3): each channel
+  has its own spatial mask, and channels that favour opposite regions average out, so the
+  channel mean of :func:`spatial_views` can look flat. Here each mask's channels are
+  ranked by their spatial standard deviation, averaged over the images given, and the
+  top ``k`` are returned, keyed "<path>[c]" ("stage1_attn1/residual_mask[33]"), most
+  varied first. Kinds: residual_mask and gather_gate; the others are left out. The
+  ranking is read on the host, so call it outside ``jax.jit``.
+  """
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"channel_views needs k >= 1 channels per mask; got {k!r}.")
+  views: dict[str, Array] = {}
+  for key, m in maps.items():
+    if m.kind not in PER_CHANNEL_KINDS:
+      continue
+    v = jnp.asarray(m.value).astype(jnp.float32)
+    spread = jnp.mean(jnp.std(v, axis=(1, 2)), axis=0)  # (C,)
+    # Stable on ties: the lower channel index first.
+    for c in np.argsort(-np.asarray(spread), kind="stable")[:k]:
+      views[f"{key}[{int(c)}]"] = v[..., int(c)]
+  return views
+
+
 # --------------------------------------------------------------------------- Grad-CAM
 
 
@@ -364,5 +393,6 @@ def cam_from_gradients(activations: Array, gradients: Array, size: tuple[int, in
   return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
 
 
-__all__ = ["AttentionMap", "GATE_KINDS", "KINDS", "attention_maps", "by_kind",
-           "cam_from_gradients", "features", "grad_cam", "spatial_views"]
+__all__ = ["AttentionMap", "GATE_KINDS", "KINDS", "PER_CHANNEL_KINDS", "attention_maps",
+           "by_kind", "cam_from_gradients", "channel_views", "features", "grad_cam",
+           "spatial_views"]

@@ -43,6 +43,20 @@ def save(fig: Figure, path: str | None) -> Figure:
   return fig
 
 
+def to_palette(path: str, colors: int = 256) -> str:
+  """Rewrites the PNG at ``path`` with at most ``colors`` colours (8-bit palette, Pillow's
+  median cut), keeping its size in pixels; heat-map figures shrink to a third or less of
+  their RGBA size, which keeps pictures committed to a repository small. Returns ``path``."""
+  from PIL import Image  # matplotlib depends on Pillow
+
+  if not 2 <= int(colors) <= 256:
+    raise ValueError(f"to_palette needs 2 <= colors <= 256; got {colors}.")
+  with Image.open(path) as im:
+    rgb = im.convert("RGB")  # the figures are opaque: alpha carries nothing
+  rgb.quantize(int(colors)).save(path, format="png", optimize=True)
+  return path
+
+
 def _images(images: Any, fn: str) -> np.ndarray:
   x = np.asarray(images, np.float32)
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -72,8 +86,27 @@ def upsample(maps: Any, size: tuple[int, int]) -> np.ndarray:
   return np.asarray(jax.image.resize(m, (m.shape[0], int(size[0]), int(size[1])), "bilinear"))
 
 
-def _short(path: str, parts: int = 2) -> str:
-  return "/".join(path.split("/")[-parts - 1:])
+def path_title(path: str, width: int = 22) -> str:
+  """A module path as a title of lines at most ``width`` characters long, broken after a
+  '/', so that the whole path, block names included, stays readable in a narrow column
+  ("backbone/layer3_2/se/" "spatial/spatial_mask"). A single component longer than
+  ``width`` gets a line of its own rather than being cut."""
+  parts = path.split("/")
+  # Each component keeps its trailing '/', so removing the line breaks gives the path back.
+  tokens = [p + "/" for p in parts[:-1]] + [parts[-1]]
+  lines = [tokens[0]]
+  for token in tokens[1:]:
+    if len(lines[-1]) + len(token) <= width:
+      lines[-1] += token
+    else:
+      lines.append(token)
+  return "\n".join(lines)
+
+
+def _title_height(titles: Sequence[str]) -> float:
+  """Inches above the top row for titles of fontsize 7: 0.3 for one line, more per line."""
+  lines = max((t.count("\n") + 1 for t in titles), default=1)
+  return 0.3 + 0.13 * (lines - 1)
 
 
 def plot_overlays(images: Any, views: Mapping[str, Any], *, max_images: int = 6,
@@ -92,17 +125,19 @@ def plot_overlays(images: Any, views: Mapping[str, Any], *, max_images: int = 6,
     raise ValueError("plot_overlays needs at least one map; views is empty.")
   n = min(len(x), max_images)
   names = list(views)
-  fig = new_figure(CELL * (len(names) + 1), CELL * n + 0.3)
+  titles = [path_title(name) for name in names]
+  top = _title_height(titles)
+  fig = new_figure(CELL * (len(names) + 1), CELL * n + top)
   axes = fig.subplots(n, len(names) + 1, squeeze=False)
   for col, name in enumerate(names):
     up = upsample(np.asarray(views[name])[:n], x.shape[1:3])
     for row in range(n):
       ax = axes[row, col + 1]
-      _show(ax, x[row], _short(name) if row == 0 else None)
+      _show(ax, x[row], titles[col] if row == 0 else None)
       ax.imshow(up[row], cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
   for row in range(n):
     _show(axes[row, 0], x[row], "input" if row == 0 else None)
-  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.3 / (CELL * n + 0.3),
+  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - top / (CELL * n + top),
                       wspace=0.05, hspace=0.05)
   return save(fig, path)
 
@@ -150,7 +185,8 @@ def plot_channel_gates(gates: Mapping[str, Any], labels: Sequence[int] | None = 
     ax = axes[row, 0]
     image = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                       interpolation="nearest")
-    ax.set_title(f"{_short(name)} ({m.shape[0]} ch)", fontsize=7)
+    # The whole path: its block name is what tells the strips apart.
+    ax.set_title(f"{path_title(name, 60)} ({m.shape[0]} ch)", fontsize=7)
     ax.set_ylabel("channel", fontsize=6)
     ax.tick_params(labelsize=5)
     if labels is not None:
@@ -257,5 +293,5 @@ def plot_grad_cam(images: Any, cams: Any, *, labels: Sequence[int] | None = None
 
 
 __all__ = ["class_means", "display", "gate_matrix", "grid_pixels", "new_figure",
-           "plot_channel_gates", "plot_grad_cam", "plot_overlays", "plot_stn", "save",
-           "upsample"]
+           "path_title", "plot_channel_gates", "plot_grad_cam", "plot_overlays", "plot_stn",
+           "save", "to_palette", "upsample"]

@@ -207,3 +207,24 @@ def test_grad_cam_errors_name_the_fix():
     ins.features(model, {"weights": 1}, x)
   with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
     ins.grad_cam(model, variables, x, "stage2", target=10)
+
+
+def test_channel_views_rank_channels_by_spatial_spread():
+  # Channel 0 is constant, channel 1 a strong left/right split, channel 2 a weak one:
+  # spatial std 0, 0.4 and 0.1 in every image.
+  v = np.zeros((2, 4, 4, 3), np.float32)
+  v[..., 0] = 0.5
+  v[:, :, :2, 1], v[:, :, 2:, 1] = 0.1, 0.9
+  v[:, :, :2, 2], v[:, :, 2:, 2] = 0.4, 0.6
+  maps = {"attn/residual_mask": ins.AttentionMap(jnp.asarray(v), "residual_mask",
+                                                 "attn/residual_mask"),
+          "se/channel_gate": ins.AttentionMap(jnp.full((2, 1, 1, 3), 0.5), "channel_gate",
+                                              "se/channel_gate")}
+  views = ins.channel_views(maps, k=2)
+  assert list(views) == ["attn/residual_mask[1]", "attn/residual_mask[2]"]
+  np.testing.assert_array_equal(views["attn/residual_mask[1]"], v[..., 1])
+  np.testing.assert_array_equal(views["attn/residual_mask[2]"], v[..., 2])
+  assert list(ins.channel_views(maps, k=5)) == [
+      "attn/residual_mask[1]", "attn/residual_mask[2]", "attn/residual_mask[0]"]
+  with pytest.raises(ValueError, match="k >= 1"):
+    ins.channel_views(maps, k=0)

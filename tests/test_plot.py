@@ -3,6 +3,7 @@ matrices and per-class means by hand, no pyplot state touched."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -84,3 +85,70 @@ def test_errors_and_no_pyplot_state():
     plot.plot_stn(np.zeros((2, 8, 8, 1)), np.zeros((2, 6)), np.zeros((2, 8, 8, 1)))
   if "matplotlib.pyplot" in sys.modules:
     assert not sys.modules["matplotlib.pyplot"].get_fignums()
+
+
+def test_titles_keep_the_whole_module_path():
+  deep = "backbone/stage3/layer3_2/se/spatial/spatial_mask"
+  title = plot.path_title(deep)
+  assert title.replace("\n", "") == deep and "layer3_2" in title
+  assert title.count("\n") >= 1 and max(len(line) for line in title.split("\n")) <= 22
+  # A component longer than the width is kept whole on its own line.
+  assert plot.path_title("a/" + "b" * 30 + "/c", width=10) == "a/\n" + "b" * 30 + "/\nc"
+  x = np.random.default_rng(2).normal(size=(2, 8, 8, 1)).astype(np.float32)
+  views = {deep: np.full((2, 4, 4), 0.5, np.float32),
+           "layer1_0/se/spatial/spatial_mask": np.zeros((2, 8, 8), np.float32)}
+  fig = plot.plot_overlays(x, views)
+  column_titles = [fig.axes[i].get_title() for i in (1, 2)]  # row 0, after "input"
+  assert [t.replace("\n", "") for t in column_titles] == list(views)
+  assert "layer3_2" in column_titles[0] and "layer1_0" in column_titles[1]
+  # The band above the first row grows with the lines, so no title leaves the figure.
+  renderer = fig.canvas.get_renderer()
+  fig.canvas.draw()
+  height = fig.get_size_inches()[1] * fig.dpi
+  for ax in fig.axes[:3]:
+    assert ax.title.get_window_extent(renderer).y1 <= height
+  gates = {"backbone/stage3/layer3_2/se/channel/channel_gate": np.full((2, 1, 1, 4), 0.5)}
+  fig = plot.plot_channel_gates(gates)
+  assert "backbone/stage3/layer3_2/se/channel/channel_gate (4 ch)" == fig.axes[0].get_title()
+
+
+def test_stn_panel_of_an_identity_transform_shows_the_input_twice():
+  import jax
+
+  from attention_flax import inspect
+  from attention_flax.layers.transformer import SpatialTransformer
+  model = SpatialTransformer()  # its localisation net starts at the identity
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 24, 24, 1))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  maps = jax.jit(lambda v, images: inspect.attention_maps(model, v, images))(variables, x)
+  np.testing.assert_array_equal(maps["stn_theta"].value[0], [[1, 0, 0], [0, 1, 0]])
+  fig = plot.plot_stn(x, maps["stn_theta"].value, maps["stn_output"].value)
+  for row in range(2):
+    shown_input, grid, output = fig.axes[3 * row: 3 * row + 3]
+    np.testing.assert_array_equal(output.get_images()[0].get_array(),
+                                  shown_input.get_images()[0].get_array())
+    # The grid's outline is the input's border: pixel centres 0 .. 23.
+    outline = grid.get_lines()[-1].get_xydata()
+    np.testing.assert_allclose(outline.min(0), [0.0, 0.0], atol=1e-5)
+    np.testing.assert_allclose(outline.max(0), [23.0, 23.0], atol=1e-5)
+
+
+def test_to_palette_keeps_the_picture_and_shrinks_the_file(tmp_path):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 16, 16, 1)).astype(np.float32)
+  views = {"a/residual_mask": rng.uniform(size=(3, 16, 16)).astype(np.float32)}
+  path = str(tmp_path / "o.png")
+  plot.plot_overlays(x, views, path=path)
+  before = path + ".rgba.png"
+  with Image.open(path) as im:
+    rgba = np.asarray(im.convert("RGB"), np.float32)
+    im.save(before)
+  assert plot.to_palette(path) == path
+  with Image.open(path) as im:
+    assert im.mode == "P" and im.size == (rgba.shape[1], rgba.shape[0])
+    rgb = np.asarray(im.convert("RGB"), np.float32)
+  # 256 colours for a heat map: each pixel moves a few levels at most on average.
+  assert np.abs(rgb - rgba).mean() < 3.0
+  assert os.path.getsize(path) < 0.6 * os.path.getsize(before)
+  with pytest.raises(ValueError, match="colors <= 256"):
+    plot.to_palette(path, colors=1000)

@@ -2,15 +2,19 @@
 
   python -m train.visualize --workdir=runs/default                 # -> runs/default/maps
   python -m train.visualize --workdir=DIR --num_images=16 --out=DIR/maps
-  python -m train.visualize --timm=seresnet50 --weights=FILE --images=FILE_OR_DIR --out=maps
+  python -m train.visualize --timm=seresnet50 --weights=FILE --images=FILE_OR_DIR [--out=DIR]
 
 From a run: the newest checkpoint of ``workdir/checkpoints`` and the run's
 ``workdir/config.json`` rebuild the model and the eval data; ``num_images`` eval images
 are drawn. One PNG is written per kind of map the model sows (channel_gates.png,
 spatial_mask.png, residual_mask.png, coord_gate.png, context_weights.png, gather_gate.png,
-stn.png) plus grad_cam_<stage>.png for the last stage. With ``--timm`` the converted
+stn.png), for per-channel masks also their most varied channels
+(residual_mask_channels.png, gather_gate_channels.png), plus grad_cam_<stage>.png for the
+last stage; ``--palette`` stores them as 8-bit palette PNGs. With ``--timm`` the converted
 pretrained weights (``attention_flax.convert.load_pretrained``) are used on the given
-images instead. ``write_eval_overlay`` is the cheap single-picture variant for training.
+images instead (resized to the model's input size, or ``--image_size``; ImageNet
+normalisation; written to ``--out``, by default ``maps/NAME``). ``write_eval_overlay`` is
+the cheap single-picture variant for training.
 """
 
 from __future__ import annotations
@@ -49,9 +53,12 @@ def _views_of_kind(maps: dict, kind: str) -> dict:
 
 def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
                labels: Sequence[int] | None = None, num_classes: int | None = None,
-               grad_cam_layer: str | None = None) -> list[str]:
-  """Writes one PNG per kind of map ``model`` sows on ``images``, and a Grad-CAM of the
-  last sown stage (or ``grad_cam_layer``); returns the paths written."""
+               grad_cam_layer: str | None = None, palette: bool = False) -> list[str]:
+  """Writes one PNG per kind of map ``model`` sows on ``images``, for per-channel masks
+  also one of their most varied channels (``<kind>_channels.png``; ``inspect.channel_views``
+  ranks them over all ``images``), and a Grad-CAM of the last sown stage (or
+  ``grad_cam_layer``); returns the paths written. ``palette`` stores them as 8-bit palette
+  PNGs (``plot.to_palette``), a third of the size or less."""
   os.makedirs(out_dir, exist_ok=True)
   images = jnp.asarray(images, jnp.float32)
   maps = _maps_fn(model)(variables, images)
@@ -67,6 +74,11 @@ def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
     if views:
       p = os.path.join(out_dir, f"{kind}.png")
       plot.plot_overlays(images, views, path=p)
+      written.append(p)
+    if kind in ins.PER_CHANNEL_KINDS and views:
+      # The channel mean can hide masks that favour opposite regions: show channels too.
+      p = os.path.join(out_dir, f"{kind}_channels.png")
+      plot.plot_overlays(images, ins.channel_views(ins.by_kind(maps, kind)), path=p)
       written.append(p)
   thetas = ins.by_kind(maps, "stn_theta")
   outputs = ins.by_kind(maps, "stn_output")
@@ -87,6 +99,9 @@ def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
     plot.plot_grad_cam(images, cams, labels=labels,
                        predictions=np.asarray(jnp.argmax(logits, -1)), path=p)
     written.append(p)
+  if palette:
+    for p in written:
+      plot.to_palette(p)
   return written
 
 
@@ -97,14 +112,17 @@ def _train_kw(model: Any) -> dict:
 def write_eval_overlay(model: Any, variables: Any, images: Any, path: str) -> str:
   """One small PNG of what ``model`` attends to on ``images`` (the first 6 are drawn).
 
-  Picks the deepest spatial maps when the model has any (masks overlaid on the inputs),
-  else the STN panel, else the channel-gate strips; a model that sows no attention gets
-  a Grad-CAM of its last stage. Map extraction is one jitted call, compiled once per
+  Picks the deepest spatial maps when the model has any (masks overlaid on the inputs;
+  for per-channel masks, whose channel mean is often flat, the most varied channel of
+  each), else the STN panel, else the channel-gate strips; a model that sows no attention
+  gets a Grad-CAM of its last stage. Map extraction is one jitted call, compiled once per
   model. Returns ``path``.
   """
   images = jnp.asarray(images, jnp.float32)[:6]
   maps = _maps_fn(model)(variables, images)
-  views = ins.spatial_views(maps)
+  views = ins.spatial_views(
+      {k: m for k, m in maps.items() if m.kind not in ins.PER_CHANNEL_KINDS})
+  views.update(ins.channel_views(maps, k=1))
   if views:
     names = list(views)[-3:]
     plot.plot_overlays(images, {k: views[k] for k in names}, path=path)
@@ -185,19 +203,16 @@ def load_images(location: str, size: int, channels: int = 3,
   return np.stack(out).astype(np.float32)
 
 
-def load_timm(name: str, weights: str, images: str) -> dict[str, Any]:
-  """Model and variables from ``attention_flax.convert.load_pretrained`` and the images."""
-  try:
-    from attention_flax.convert import load_pretrained  # pylint: disable=import-outside-toplevel
-  except ImportError as err:
-    raise SystemExit(
-        "error: --timm needs attention_flax.convert.load_pretrained, which this "
-        f"installation lacks ({err}). Visualize a training run with --workdir instead.")
-  from attention_flax import models
-  loaded = load_pretrained(name, weights)
-  model, variables = loaded[0], loaded[1]
-  entry = models.model_info(name)
-  x = load_images(images, entry.input_size, entry.in_channels)
+def load_timm(name: str, weights: str, images: str, image_size: int | None = None,
+              num_images: int | None = None) -> dict[str, Any]:
+  """Model and variables from ``attention_flax.convert.load_pretrained`` and the first
+  ``num_images`` images, resized to ``image_size`` (default: the model's input size)."""
+  from attention_flax import convert, models
+
+  model, variables = convert.load_pretrained(name, weights)  # checks the name first
+  # A pretrained tag ("timm/seresnet50.a1_in1k") names the architecture before its dot.
+  entry = models.model_info(convert.TIMM_MODELS[name.split("/")[-1].split(".")[0].lower()])
+  x = load_images(images, image_size or entry.input_size, entry.in_channels)[:num_images]
   return {"model": model, "variables": variables, "images": x, "labels": None,
           "num_classes": None, "step": None}
 
@@ -206,20 +221,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m train.visualize", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", help="a training run (config.json + checkpoints/)")
-  parser.add_argument("--num_images", type=int, default=16, help="eval images to draw")
-  parser.add_argument("--out", help="output folder (default: WORKDIR/maps)")
+  parser.add_argument("--num_images", type=int, default=16,
+                      help="images to draw: a run's first eval images, or the first --images")
+  parser.add_argument("--out", help="output folder (default: WORKDIR/maps, or maps/NAME "
+                      "for --timm)")
   parser.add_argument("--layer", help="Grad-CAM layer (default: the last sown stage)")
   parser.add_argument("--timm", help="registered model name of converted timm weights")
   parser.add_argument("--weights", help="the timm/PyTorch weights file for --timm")
   parser.add_argument("--images", help="an image file or folder, for --timm")
+  parser.add_argument("--palette", action="store_true",
+                      help="write 8-bit palette PNGs (smaller files, e.g. for documentation)")
+  parser.add_argument("--image_size", type=int,
+                      help="side the --images are resized to (default: the model's input size)")
   args = parser.parse_args(argv)
   if args.timm:
-    if not (args.weights and args.images and args.out):
-      parser.error("--timm needs --weights=FILE, --images=FILE_OR_DIR and --out=DIR.")
+    if not (args.weights and args.images):
+      parser.error("--timm needs --weights=FILE and --images=FILE_OR_DIR.")
+  elif args.image_size is not None:
+    parser.error("--image_size applies to --timm images; a run's images keep its config's size.")
   elif not args.workdir:
     parser.error("give --workdir=DIR (a training run) or --timm=NAME with --weights/--images.")
   if args.num_images < 1:
     parser.error(f"--num_images must be >= 1; got {args.num_images}.")
+  if args.image_size is not None and args.image_size < 8:
+    parser.error(f"--image_size must be >= 8; got {args.image_size}.")
   return args
 
 
@@ -227,14 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry; returns 0 and prints one line per PNG written."""
   args = parse_args(argv)
   if args.timm:
-    run = load_timm(args.timm, args.weights, args.images)
-    out = args.out
+    run = load_timm(args.timm, args.weights, args.images, args.image_size, args.num_images)
+    out = args.out or os.path.join("maps", args.timm)
   else:
     run = load_run(args.workdir, args.num_images)
     out = args.out or os.path.join(args.workdir, "maps")
   written = write_maps(run["model"], run["variables"], run["images"], out,
                        labels=run["labels"], num_classes=run["num_classes"],
-                       grad_cam_layer=args.layer)
+                       grad_cam_layer=args.layer, palette=args.palette)
   for p in written:
     print(p)
   return 0

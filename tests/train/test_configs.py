@@ -26,7 +26,8 @@ def load(name, arg=None):
 
 def test_every_experiment_is_listed():
   assert set(NAMES) >= {
-      "default", "digits_stn", "cifar10_resnet20", "cifar10_se_resnet110",
+      "default", "digits_stn", "digits_cbam", "digits_attention", "cifar10_resnet20",
+      "cifar10_se_resnet110",
       "cifar10_attention92", "imagenet_resnet50", "imagenet_seresnet50",
       "imagenet_cbam_resnet50"}
 
@@ -110,3 +111,26 @@ def test_digits_stn_compares_with_the_plain_cnn():
   assert (c.model, c.compare_with) == ("stn_cnn", "cnn_digits")
   assert (c.data.name, c.data.image_size, c.data.channels) == ("distorted_digits", 40, 1)
   models.model_info(c.compare_with)
+
+
+@pytest.mark.parametrize("name,model", [("digits_cbam", "cbam_resnet20"),
+                                        ("digits_attention", "attention56_cifar")])
+def test_picture_runs_are_the_default_recipe_with_another_model(name, model):
+  c, d = load(name), load("default")
+  assert c.model == model
+  same = [k for k in d.keys() if k not in ("model", "model_kwargs", "num_epochs", "data")]
+  assert [k for k in same if c[k] != d[k]] == []
+  assert c.data.to_dict() == d.data.to_dict()
+  assert c.num_epochs == {"digits_cbam": 8.0, "digits_attention": 10.0}[name]
+  # The smoke variant shrinks the same way as the default's.
+  smoke, default_smoke = load(name, "smoke"), load("default", "smoke")
+  assert (smoke.num_train_steps, smoke.batch_size) == (
+      default_smoke.num_train_steps, default_smoke.batch_size)
+
+
+def test_digits_cbam_passes_zero_init_last_to_the_model():
+  c = load("digits_cbam")
+  assert c.model_kwargs.to_dict() == {"zero_init_last": False}
+  model = trainer.build_model(c, 10)
+  assert model.zero_init_last is False
+  assert trainer.build_model(load("default"), 10).zero_init_last is True

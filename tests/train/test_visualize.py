@@ -1,18 +1,32 @@
 """Tests of train/visualize.py: a smoke run of the default config, then the CLI in-process
-writes decodable PNGs; write_eval_overlay writes one; bad arguments say what to give."""
+writes PNGs that decode at the sizes the figure layout gives; write_eval_overlay writes
+one; with --timm the gates drawn are timm's own gates for the same weights and images;
+bad arguments say what to give."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from attention_flax import plot
 from configs import default as default_config
 from train import trainer
 from train import visualize
+
+DPI = plot.DPI
+
+
+def gates_png_size(blocks, with_labels):
+  """plot_channel_gates: 4 inches per column (strips, class means), 1.6 per gate + 0.4."""
+  return (round(4.0 * (2 if with_labels else 1) * DPI), round((1.6 * blocks + 0.4) * DPI))
+
+
+def grad_cam_png_size(images):
+  """plot_grad_cam: one CELL-wide column per image, two CELL rows + a 0.3-inch title band."""
+  return (round(plot.CELL * images * DPI), round((plot.CELL * 2 + 0.3) * DPI))
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +41,9 @@ def smoke_run(tmp_path_factory):
 
 def test_training_writes_an_attention_png_at_evaluation(smoke_run):
   steps = default_config.get_config("smoke").num_train_steps
-  w, h = _decodes(os.path.join(smoke_run, "attention", f"step_{steps}.png"))
-  assert w > 100 and h > 100
+  # SE-ResNet-20 has no spatial maps: the strips of its last three gates, no labels.
+  size = _decodes(os.path.join(smoke_run, "attention", f"step_{steps}.png"))
+  assert size == gates_png_size(3, with_labels=False)
 
 
 def _decodes(path):
@@ -42,12 +57,17 @@ def test_cli_writes_pngs_of_the_run(smoke_run, tmp_path, capsys):
   out = str(tmp_path / "maps")
   assert visualize.main([f"--workdir={smoke_run}", "--num_images=4", f"--out={out}"]) == 0
   names = sorted(os.listdir(out))
-  # The default model is an SE-ResNet-20: channel gates and a Grad-CAM of stage 3.
+  # The default model is an SE-ResNet-20: channel gates (9 blocks, with the class means
+  # of the labelled eval images) and a Grad-CAM of stage 3 over the 4 images.
   assert names == ["channel_gates.png", "grad_cam_stage3.png"]
-  for name in names:
-    w, h = _decodes(os.path.join(out, name))
-    assert w > 100 and h > 100
+  assert _decodes(os.path.join(out, names[0])) == gates_png_size(9, with_labels=True)
+  assert _decodes(os.path.join(out, names[1])) == grad_cam_png_size(4)
   assert capsys.readouterr().out.split() == [os.path.join(out, n) for n in names]
+  small = str(tmp_path / "small")
+  visualize.main([f"--workdir={smoke_run}", "--num_images=4", f"--out={small}", "--palette"])
+  for name in names:  # the same pictures, 8-bit palette
+    with Image.open(os.path.join(small, name)) as im:
+      assert im.mode == "P" and im.size == _decodes(os.path.join(out, name))
 
 
 def test_write_eval_overlay(smoke_run, tmp_path):
@@ -65,10 +85,14 @@ def test_bad_arguments(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a training run"):
     visualize.main([f"--workdir={tmp_path}"])
   with pytest.raises(SystemExit):
-    visualize.main(["--timm=seresnet50"])  # needs --weights, --images and --out
-  if importlib.util.find_spec("attention_flax.convert") is None:
-    with pytest.raises(SystemExit, match="load_pretrained"):
-      visualize.load_timm("seresnet50", "w.pth", str(tmp_path))
+    visualize.main(["--timm=seresnet50"])  # needs --weights and --images
+  with pytest.raises(SystemExit):
+    visualize.main([f"--workdir={tmp_path}", "--image_size=64"])  # only for --timm
+  with pytest.raises(FileNotFoundError, match="download it first"):
+    visualize.main(["--timm=seresnet18", f"--weights={tmp_path / 'w.safetensors'}",
+                    f"--images={tmp_path}", f"--out={tmp_path / 'maps'}"])
+  with pytest.raises(ValueError, match="Unsupported timm model"):
+    visualize.load_timm("vit_base", "w.safetensors", str(tmp_path))
 
 
 def test_load_images(tmp_path):
@@ -76,3 +100,102 @@ def test_load_images(tmp_path):
   x = visualize.load_images(str(tmp_path), 8, 3, mean=(0.5,) * 3, std=(0.5,) * 3)
   assert x.shape == (1, 8, 8, 3)
   np.testing.assert_allclose(x, 1.0)
+
+
+def test_cli_on_timm_weights_draws_timms_own_gates(tmp_path, capsys, monkeypatch):
+  torch = pytest.importorskip("torch", reason="the --timm test builds weights with torch "
+                              "(pip install 'attention_flax[parity]')")
+  timm = pytest.importorskip("timm", reason="the --timm test needs timm (extra: parity)")
+  st_numpy = pytest.importorskip("safetensors.numpy", reason="needs safetensors (extra: parity)")
+  torch.manual_seed(0)
+  ref = timm.create_model("seresnet18", pretrained=False).eval()
+  # timm starts every block's last BN scale at 0, which zeroes each SE input and makes
+  # all gates equal whatever the image; random statistics make them depend on it.
+  with torch.no_grad():
+    for m in ref.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0.0, 0.2)
+        m.running_mean.normal_(0.0, 0.2)
+        m.running_var.uniform_(0.5, 1.5)
+  weights = tmp_path / "seresnet18.safetensors"
+  st_numpy.save_file({k: v.numpy() for k, v in ref.state_dict().items()}, str(weights))
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  (tmp_path / "images").mkdir()
+  for i, image in enumerate(pixels):  # 64x64 already: the CLI's resize keeps every pixel
+    Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+
+  drawn = {}
+  original = plot.plot_channel_gates
+
+  def spy(gates, *args, **kwargs):
+    drawn.update({k: np.asarray(v) for k, v in gates.items()})
+    return original(gates, *args, **kwargs)
+
+  monkeypatch.setattr(plot, "plot_channel_gates", spy)
+  out = tmp_path / "maps"
+  assert visualize.main(["--timm=seresnet18", f"--weights={weights}",
+                         f"--images={tmp_path / 'images'}", "--image_size=64",
+                         f"--out={out}"]) == 0
+  names = ["channel_gates.png", "grad_cam_stage4.png"]
+  assert sorted(os.listdir(out)) == names
+  assert capsys.readouterr().out.split() == [str(out / n) for n in names]
+  assert _decodes(out / names[0]) == gates_png_size(8, with_labels=False)
+  assert _decodes(out / names[1]) == grad_cam_png_size(2)
+
+  # timm's gates on the same images, normalised by hand with ImageNet's mean and std.
+  expected = {}
+  for block_name, block in ref.named_modules():
+    if block_name.endswith(".se"):
+      flax_path = block_name[:-len(".se")].replace(".", "_") + "/se/channel_gate"
+      block.gate.register_forward_hook(
+          lambda mod, inp, outp, key=flax_path: expected.__setitem__(key, outp.numpy()))
+  x = (pixels / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  with torch.no_grad():
+    ref(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
+  assert list(drawn) == list(expected) and len(drawn) == 8  # two blocks in each of 4 stages
+  for key, gate in expected.items():
+    assert drawn[key].shape == (2, 1, 1, gate.shape[1])
+    np.testing.assert_allclose(drawn[key][:, 0, 0, :], gate[:, :, 0, 0], atol=1e-4,
+                               err_msg=key)
+  # The gates vary with the image, so a mix-up of images or weights would show.
+  last = drawn["layer4_1/se/channel_gate"]
+  assert np.abs(last[0] - last[1]).max() > 1e-3
+
+
+def test_eval_overlay_of_residual_masks_shows_their_most_varied_channels(tmp_path,
+                                                                         monkeypatch):
+  import jax
+  from flax import linen as nn
+
+  from attention_flax.layers import ResidualAttention
+
+  class TwoModules(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.Conv(8, (3, 3), padding=1)(x)
+      x = ResidualAttention(levels=1, name="attn1")(x, train=train)
+      return ResidualAttention(levels=1, name="attn2")(x, train=train)
+
+  model = TwoModules()
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  drawn = {}
+  original = plot.plot_overlays
+
+  def spy(images, views, **kwargs):
+    drawn.update({k: np.asarray(v) for k, v in views.items()})
+    return original(images, views, **kwargs)
+
+  monkeypatch.setattr(plot, "plot_overlays", spy)
+  visualize.write_eval_overlay(model, variables, x, str(tmp_path / "eval.png"))
+  _decodes(tmp_path / "eval.png")
+  _, state = model.apply(variables, x, mutable=["intermediates"])
+  expected = {}
+  for name in ("attn1", "attn2"):
+    mask = np.asarray(state["intermediates"][name]["residual_mask"][0])  # (3, 8, 8, 8)
+    c = int(np.argmax(mask.std(axis=(1, 2)).mean(0)))
+    expected[f"{name}/residual_mask[{c}]"] = mask[..., c]
+  assert list(drawn) == list(expected)
+  for key, value in expected.items():
+    np.testing.assert_allclose(drawn[key], value, atol=1e-6)

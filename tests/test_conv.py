@@ -9,25 +9,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import parameterized
 from flax import linen as nn
 from jax import lax
 
 from attention_flax import conv
+from tests.conv_helpers import conv_loss, random_pair
 
-NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _loss(conv_fn, x, k, strides, padding, **kw):
-  # A non-linear read-out so that the output gradient differs at every position.
-  y = conv_fn(x, k, strides, padding, dimension_numbers=kw.pop("dn", NHWC), **kw)
-  return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size)
-
-
-def _random(shape_x, shape_k, dtype=jnp.float32, seed=0):
-  kx, kk = jax.random.split(jax.random.key(seed))
-  return (jax.random.normal(kx, shape_x, dtype), jax.random.normal(kk, shape_k, dtype))
+_loss, _random = conv_loss, random_pair
 
 
 class ConvTest(parameterized.TestCase):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attention_flax.conv import banded_conv_general_dilated
 from attention_flax.layers.common import check_images, get_act, make_divisible
 from attention_flax.layers.norm import TorchBatchNorm
 
@@ -102,8 +103,11 @@ class SpatialAttention(nn.Module):
           f"symmetric; got {k!r}. Use e.g. 7 or 3.")
     pad = (k - 1) // 2
     pooled = jnp.concatenate([_CHANNEL_POOLS[name](x) for name in order], axis=-1)
+    # On CPU this few-channel convolution runs as a banded matrix product (4-7x faster
+    # to train than XLA's direct convolution; attention_flax.conv).
     logits = nn.Conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)], use_bias=False,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(pooled)
+                     dtype=self.dtype, param_dtype=self.param_dtype,
+                     conv_general_dilated=banded_conv_general_dilated, name="conv")(pooled)
     if self.use_bn:
       logits = _batch_norm(self.norm, logits, train, self.param_dtype, "bn")
     mask = get_act(self.gate)(logits)

@@ -4,11 +4,15 @@
 of ResNet-50's first stages (``CONV_SHAPES``) or on ``--conv_shapes``. Per shape, three
 jitted functions of the same random input, kernel and output cotangent are timed,
 interleaved round by round: the forward alone, forward + input and kernel gradients
-through ``lax.conv_general_dilated`` (XLA's own kernel gradient), and the same through
-``attention_flax.conv.conv_general_dilated`` (the patch-matrix kernel gradient on CPU);
-with ``--against=torch`` also ``F.conv2d`` forward + ``backward()`` in channels_last.
+through ``lax.conv_general_dilated`` (XLA's own kernel gradient), and the same through the
+drop-in of ``attention_flax.conv`` that our models use for that shape ("ours"):
+``banded_conv_general_dilated`` for few-channel stride-1 convolutions such as CBAM's spatial
+gate (``conv.uses_band``), ``conv_general_dilated`` (the patch-matrix kernel gradient on
+CPU) for the rest; with ``--against=torch`` also ``F.conv2d`` forward + ``backward()`` in
+channels_last.
 
-Rows (``kind`` "conv"): shape [N, H, W, C_in, C_out, k, stride], gflop (one forward, a
+Rows (``kind`` "conv"): shape [N, H, W, C_in, C_out, k, stride], route ("banded" or
+"patches"), gflop (one forward, a
 multiply-add counted as 2), forward_s, lax_step_s, ours_step_s (medians, fwd + both grads),
 speedup_vs_lax (lax_step_s / ours_step_s), and with torch torch_step_s and
 throughput_ratio_vs_torch (torch_step_s / ours_step_s: > 1 means we are faster).
@@ -38,6 +42,8 @@ CONV_SHAPES = (
     (16, 28, 64, 256, 1, 1),
     (16, 28, 256, 64, 1, 1),
     (16, 14, 128, 128, 3, 1),
+    (128, 32, 2, 1, 7, 1),  # CBAM's spatial gate in CIFAR CBAM-ResNet-20, stage 1
+    (16, 28, 2, 1, 7, 1),  # ... and in CBAM-ResNet-50's stage 1 at 112x112 input
 )
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -65,9 +71,12 @@ class _Conv:
         return vjp(g)
       return jax.jit(both)
 
+    banded = s == 1 and conv.uses_band(x.shape, w.shape)
+    self.route = "banded" if banded else "patches"
+    ours = conv.banded_conv_general_dilated if banded else conv.conv_general_dilated
     self.fns = {"forward": (jax.jit(forward(lax.conv_general_dilated)), (x, w)),
                 "lax": (step(lax.conv_general_dilated), (x, w, g)),
-                "ours": (step(conv.conv_general_dilated), (x, w, g))}
+                "ours": (step(ours), (x, w, g))}
     for fn, args in self.fns.values():
       jax.block_until_ready(fn(*args))
     self.times: dict[str, list[float]] = {key: [] for key in self.fns}
@@ -117,7 +126,7 @@ def bench_convs(shapes: Sequence[Sequence[int]], *, warmup: int, repeats: int,
       if theirs is not None:
         theirs.run(r >= warmup)
     med = {key: statistics.median(t) for key, t in ours.times.items()}
-    row = {"kind": "conv", "shape": ours.shape, "gflop": ours.gflop,
+    row = {"kind": "conv", "shape": ours.shape, "route": ours.route, "gflop": ours.gflop,
            "forward_s": med["forward"], "lax_step_s": med["lax"], "ours_step_s": med["ours"],
            "speedup_vs_lax": med["lax"] / med["ours"]}
     if theirs is not None:
@@ -131,13 +140,14 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
   convs = [r for r in rows if r["kind"] == "conv"]
   if not convs:
     return []
-  out = ["", "| conv (N, H, W, C_in, C_out, k, s) | GFLOP fwd | fwd s | fwd+grads s, XLA "
-         "| fwd+grads s, ours | ours vs XLA | torch s | ours/torch |",
-         "|---|---|---|---|---|---|---|---|"]
+  out = ["", "| conv (N, H, W, C_in, C_out, k, s) | route | GFLOP fwd | fwd s "
+         "| fwd+grads s, XLA | fwd+grads s, ours | ours vs XLA | torch s | ours/torch |",
+         "|---|---|---|---|---|---|---|---|---|"]
   for r in convs:
     torch_s = r.get("torch_step_s")
     ratio = r.get("throughput_ratio_vs_torch")
-    out.append(f"| {tuple(r['shape'])} | {r['gflop']:.3f} | {r['forward_s']:.4f} "
+    out.append(f"| {tuple(r['shape'])} | {r.get('route', '-')} | {r['gflop']:.3f} "
+               f"| {r['forward_s']:.4f} "
                f"| {r['lax_step_s']:.4f} | {r['ours_step_s']:.4f} | {r['speedup_vs_lax']:.2f}x "
                f"| {'-' if torch_s is None else format(torch_s, '.4f')} "
                f"| {'-' if ratio is None else format(ratio, '.2f')} |")

@@ -113,7 +113,7 @@ def test_against_torch_tiny(tmp_path):
   pytest.importorskip("timm")
   out = tmp_path / "torch.json"
   rc = bench.main([*TINY, "--against=torch", "--sampler", "--sampler_shapes=2,4,4,1",
-                   "--convs", "--conv_shapes=2,6,3,4,3,2", f"--out={out}"])
+                   "--convs", "--conv_shapes=2,6,3,4,3,2;2,6,2,1,3,1", f"--out={out}"])
   assert rc == 0
   rows = json.loads(out.read_text())
   assert rows[0]["torch_version"] and rows[0]["torch_threads"] >= 1
@@ -125,14 +125,17 @@ def test_against_torch_tiny(tmp_path):
   sampler = rows[3]
   assert math.isclose(sampler["throughput_ratio_vs_torch"],
                       sampler["torch_step_time_median_s"] / sampler["step_time_median_s"])
-  conv = rows[4]
+  conv, spatial = rows[4:6]
   assert conv["kind"] == "conv" and conv["shape"] == [2, 6, 6, 3, 4, 3, 2]
+  # A strided layer takes the patch route; a CBAM-like 2 -> 1 map the banded one.
+  assert conv["route"] == "patches" and spatial["route"] == "banded"
   # 2 images x 3x3 outputs x 3x3x3 taps x 4 filters x 2 FLOPs.
   assert math.isclose(conv["gflop"], 2 * 9 * 27 * 4 * 2 / 1e9)
   assert math.isclose(conv["speedup_vs_lax"], conv["lax_step_s"] / conv["ours_step_s"])
   assert math.isclose(conv["throughput_ratio_vs_torch"],
                       conv["torch_step_s"] / conv["ours_step_s"])
-  assert "| (2, 6, 6, 3, 4, 3, 2) | 0.000 |" in bench.markdown(rows)
+  assert "| (2, 6, 6, 3, 4, 3, 2) | patches | 0.000 |" in bench.markdown(rows)
+  assert "| (2, 6, 6, 2, 1, 3, 1) | banded | 0.000 |" in bench.markdown(rows)
 
 
 def test_torch_twin_has_the_same_parameter_count():

@@ -73,6 +73,7 @@ def test_forward_mode_and_second_order_equal_lax():
     ((2, 8, 8, 16), (3, 3, 16, 1), (1, 1), "SAME", {}),  # 48 taps per row: wide input
     ((2, 8, 8, 2), (3, 3, 2, 16), (1, 1), "SAME", {}),  # many outputs
     ((2, 8, 8, 2), (1, 1, 2, 1), (1, 1), "VALID", {}),  # one row of kernel: nothing to band
+    ((1, 80, 3, 2), (3, 3, 2, 1), (1, 1), "SAME", {}),  # taller than MAX_BANDED_HEIGHT
     ((2, 8, 8, 2), (3, 3, 2, 1), (1, 1), ((-1, 1), (1, 1)), {}),  # negative padding crops
     ((2, 2, 8, 8), (1, 2, 3, 3), (1, 1), "SAME", {"dn": ("NCHW", "OIHW", "NCHW")}),
 ])

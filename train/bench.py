@@ -45,9 +45,9 @@ JSON (``--out``): a list of objects, each with ``kind``:
   "sampler": shape (N, H, W, C), step_time_{median,min,max}_s of ``grid_sample`` forward +
     backward (gradients for image and grid), compile_time_s, and with torch the same
     torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
-  "pipeline": data, batch, image_shape, images_per_second of ``train.data.train_dataset``,
-    model, model_images_per_second (the fastest model's), ratio_vs_model (pipeline / model:
-    >= 1 means the input pipeline keeps up).
+  "pipeline": data, batch, image_shape, workers (``--pipeline_workers``), images_per_second
+    of ``train.data.train_dataset``, model, model_images_per_second (the fastest model's),
+    ratio_vs_model (pipeline / model: >= 1 means the input pipeline keeps up).
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ class OurStep:
     return time.perf_counter() - start
 
 
+def _progress(message: str) -> None:
+  """A line on stderr as each model is ready: long runs show where they are."""
+  print(f"train.bench: {message}", file=sys.stderr, flush=True)
+
+
 def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
   for _ in range(warmup):
     for s in steps:
@@ -194,12 +199,14 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
     step.step()
     step.peak = _peak_memory()
     ours.append(step)
+    _progress(f"{name}: compiled in {step.compile_time:.1f} s")
   twins: dict[str, Any] = {}
   notes: dict[str, str] = {}
   if against == "torch":
     for step in ours:
       try:
         twins[step.name] = TorchStep(step, dtype)
+        _progress(f"{step.name}: torch first step {twins[step.name].first_step:.1f} s")
       except (ValueError, KeyError, RuntimeError) as err:
         notes[step.name] = str(err)
   _interleave([*ours, *twins.values()], warmup, repeats)
@@ -274,26 +281,30 @@ def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, r
   return rows
 
 
-def pipeline_data_config(name: str, size: int, channels: int) -> Any:
-  """The data block of ``--pipeline``: "digits" or "cifar10_mock" (tfds mock examples)."""
+def pipeline_data_config(name: str, size: int, channels: int, workers: int = 0) -> Any:
+  """The data block of ``--pipeline``: "digits" or "cifar10_mock" (tfds mock examples),
+  with ``workers`` grain worker processes (``data.worker_count``; 0: reader threads only)."""
   import configs
   augment = {"crop_padding": max(1, size // 8), "flip": True}
   if name == "digits":
     return configs.data_config("digits", image_size=size, channels=channels,
-                               mean=(0.5,) * channels, std=(0.5,) * channels, augment=augment)
+                               mean=(0.5,) * channels, std=(0.5,) * channels, augment=augment,
+                               worker_count=workers)
   if name == "cifar10_mock":
     return configs.data_config("tfds", tfds_name="cifar10", image_size=size, channels=channels,
                                mean=configs.CIFAR10_MEAN[:channels],
-                               std=configs.CIFAR10_STD[:channels], augment=augment)
+                               std=configs.CIFAR10_STD[:channels], augment=augment,
+                               worker_count=workers)
   raise ValueError(f"Unknown --data={name!r}; choose digits or cifar10_mock.")
 
 
 def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup: int,
-                   batches: int, model_row: dict[str, Any] | None) -> dict[str, Any]:
+                   batches: int, model_row: dict[str, Any] | None,
+                   workers: int = 0) -> dict[str, Any]:
   """Images per second out of ``train.data.train_dataset`` (augmented, normalised)."""
   import contextlib
   from train import data as data_lib
-  config = pipeline_data_config(data, int(image_shape[0]), int(image_shape[-1]))
+  config = pipeline_data_config(data, int(image_shape[0]), int(image_shape[-1]), workers)
   mock = contextlib.nullcontext()
   if data == "cifar10_mock":
     import tensorflow_datasets as tfds
@@ -309,7 +320,7 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
   ips = batch * batches / elapsed
   model_ips = model_row["images_per_second"] if model_row else None
   return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
-          "images_per_second": ips, "model": model_row["model"] if model_row else None,
+          "workers": workers, "images_per_second": ips, "model": model_row["model"] if model_row else None,
           "model_images_per_second": model_ips,
           "ratio_vs_model": ips / model_ips if model_ips else None}
 
@@ -370,7 +381,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     if r["kind"] == "pipeline":
       out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
-              f"{'x'.join(map(str, r['image_shape']))}): {r['images_per_second']:.0f} img/s; "
+              f"{'x'.join(map(str, r['image_shape']))}, {r['workers']} workers): {r['images_per_second']:.0f} img/s; "
               f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s; "
               f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]
   return "\n".join(out)
@@ -389,6 +400,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--pipeline", action="store_true")
   p.add_argument("--data", default="digits", help="--pipeline data: digits | cifar10_mock")
   p.add_argument("--pipeline_batches", type=int, default=20)
+  p.add_argument("--pipeline_workers", type=int, default=0,
+                 help="grain worker processes for --pipeline (data.worker_count)")
   p.add_argument("--sampler", action="store_true")
   p.add_argument("--convs", action="store_true",
                  help="also time single convolutions: XLA's kernel gradient against ours")
@@ -414,6 +427,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                      "integers separated by ';', e.g. 128,32,16,16,3,1.")
   if args.warmup < 0 or (args.size is not None and args.size < 1):
     raise ValueError("--warmup must be >= 0 and --size >= 1.")
+  if args.pipeline_workers < 0:
+    raise ValueError(f"--pipeline_workers must be >= 0; got {args.pipeline_workers}.")
   return args
 
 
@@ -452,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       # The fastest model is the hardest consumer to keep fed.
       first = max(model_rows, key=lambda r: r["images_per_second"])
       rows.append(bench_pipeline(args.data, batch=args.batch, image_shape=first["image_shape"],
-                                 warmup=2, batches=args.pipeline_batches, model_row=first))
+                                 warmup=2, batches=args.pipeline_batches, model_row=first,
+                                 workers=args.pipeline_workers))
   except ValueError as err:
     print(f"train.bench: {err}", file=sys.stderr)
     return 2

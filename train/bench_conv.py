@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from attention_flax import conv
+from train.bench_torch import synchronize, torch_device
 
 # (N, H, C_in, C_out, kernel, stride) on square maps.
 CONV_SHAPES = (
@@ -95,12 +96,12 @@ class _Conv:
 class _TorchConv:
   def __init__(self, ours: _Conv):
     import torch
-    self.torch = torch
+    self.torch, self.device = torch, torch_device()
     x, w, g, self.stride, self.pad = ours.torch_args
-    cl = torch.channels_last
-    self.x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(memory_format=cl)
-    self.w = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).to(memory_format=cl)
-    self.g = torch.from_numpy(g.transpose(0, 3, 1, 2).copy()).to(memory_format=cl)
+    cl, dev = torch.channels_last, self.device
+    self.x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev, memory_format=cl)
+    self.w = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).to(dev, memory_format=cl)
+    self.g = torch.from_numpy(g.transpose(0, 3, 1, 2).copy()).to(dev, memory_format=cl)
     self.x.requires_grad_(True)
     self.w.requires_grad_(True)
     self.times: list[float] = []
@@ -109,6 +110,7 @@ class _TorchConv:
     start = time.perf_counter()
     y = self.torch.nn.functional.conv2d(self.x, self.w, stride=self.stride, padding=self.pad)
     y.backward(self.g)
+    synchronize(self.device)
     self.x.grad, self.w.grad = None, None
     if record:
       self.times.append(time.perf_counter() - start)

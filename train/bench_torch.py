@@ -15,6 +15,19 @@ if TYPE_CHECKING:
 
 _TIMM_ATTN = {"se": "se", "ese": "ese", "eca": "eca", "cbam": "cbam", "gc": "gc", "ge": "ge"}
 
+
+def torch_device() -> str:
+  """"cuda" when PyTorch sees a GPU, else "cpu": the twins run where torch runs best."""
+  import torch
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize(device: str) -> None:
+  """Wait for the queued GPU work, so host clocks time it (no-op on CPU)."""
+  if device == "cuda":
+    import torch
+    torch.cuda.synchronize()
+
 def _torch_cifar_resnet(fields: dict[str, Any], num_classes: int, in_chans: int) -> Any:
   """A CIFAR-style ResNet of timm BasicBlocks: the same stem, widths and shortcut as ours."""
   import torch
@@ -87,7 +100,7 @@ class TorchStep:
     import torch
     self.torch = torch
     module, self.description = torch_model(ours.name, ours.num_classes, ours.shape[-1])
-    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    self.device = torch_device()
     self.model = module.to(self.device).to(memory_format=torch.channels_last).train()
     self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,
                                weight_decay=1e-4)
@@ -107,18 +120,18 @@ class TorchStep:
       loss = torch.nn.functional.cross_entropy(self.forward(self.x), self.y)
     loss.backward()
     self.opt.step()
-    if self.device == "cuda":
-      torch.cuda.synchronize()
+    synchronize(self.device)
     return time.perf_counter() - start
 
 
 class _TorchSampler:
   def __init__(self, ours: _OurSampler):
     import torch
-    self.torch = torch
-    self.x = torch.from_numpy(ours.x).permute(0, 3, 1, 2).contiguous().requires_grad_()
-    self.grid = torch.from_numpy(ours.grid.copy()).requires_grad_()
-    self.cot = torch.from_numpy(ours.cot).permute(0, 3, 1, 2).contiguous()
+    self.torch, self.device = torch, torch_device()
+    x = torch.from_numpy(ours.x).permute(0, 3, 1, 2).contiguous()
+    self.x = x.to(self.device).requires_grad_()
+    self.grid = torch.from_numpy(ours.grid.copy()).to(self.device).requires_grad_()
+    self.cot = torch.from_numpy(ours.cot).permute(0, 3, 1, 2).contiguous().to(self.device)
     self.times = []
 
   def step(self) -> float:
@@ -126,4 +139,5 @@ class _TorchSampler:
     self.x.grad = self.grid.grad = None
     out = self.torch.nn.functional.grid_sample(self.x, self.grid, align_corners=False)
     (out * self.cot).sum().backward()
+    synchronize(self.device)
     return time.perf_counter() - start

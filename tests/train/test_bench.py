@@ -79,6 +79,7 @@ def test_sampler_and_pipeline_rows(tiny_run):
   assert sampler["shape"] == [2, 6, 5, 3] and sampler["model"] == "grid_sample"
   assert sampler["step_time_min_s"] <= sampler["step_time_median_s"]
   assert pipeline["data"] == "digits" and pipeline["image_shape"] == [32, 32, 3]
+  assert pipeline["workers"] == 0
   fastest = max(rows[1:3], key=lambda r: r["images_per_second"])
   assert pipeline["model"] == fastest["model"]
   assert math.isclose(pipeline["ratio_vs_model"],
@@ -106,6 +107,15 @@ def test_bad_flags_are_clear_errors(capsys):
   assert "--data" in capsys.readouterr().err
   assert bench.main(["--models=test_resnet_tiny", "--convs", "--conv_shapes=2,6,3"]) != 0
   assert "N,H,C_in,C_out,kernel,stride" in capsys.readouterr().err
+  assert bench.main(["--models=test_resnet_tiny", "--pipeline", "--pipeline_workers=-1"]) != 0
+  assert "--pipeline_workers must be >= 0" in capsys.readouterr().err
+
+
+def test_pipeline_with_worker_processes():
+  row = bench.bench_pipeline("digits", batch=4, image_shape=(16, 16, 3), warmup=1, batches=2,
+                             model_row=None, workers=1)
+  assert row["workers"] == 1 and row["images_per_second"] > 0
+  assert row["model"] is None and row["ratio_vs_model"] is None
 
 
 def test_against_torch_tiny(tmp_path):

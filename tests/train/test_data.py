@@ -118,6 +118,23 @@ def test_train_determinism_by_seed():
   assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
+def test_worker_processes_give_the_same_batches():
+  # Grayscale digits into 3 channels: decoded as one plane, broadcast by Normalize.
+  config = _config(channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0),
+                   augment={"crop_padding": 2, "flip": True})
+  threads = _take(iter(data.train_dataset(config, batch_size=8, seed=5)), 3)
+  config.worker_count = 2
+  workers = _take(iter(data.train_dataset(config, batch_size=8, seed=5)), 3)
+  for a, b in zip(threads, workers):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  image = threads[0]["image"]
+  assert image.shape == (8, 16, 16, 3)
+  # Every channel is the same grey plane, (x - mean_c) / std_c.
+  grey = image[..., 0] * np.float32(0.5) + np.float32(0.1)
+  np.testing.assert_allclose(image[..., 2], (grey - 0.3) / 2.0, atol=1e-6)
+
+
 def test_resume_from_iterator_state():
   config = _config(augment={"crop_padding": 2, "flip": True})
   ds = data.train_dataset(config, batch_size=16, seed=1)
@@ -325,6 +342,40 @@ def test_random_crop_is_a_window_of_the_padded_image():
     assert len(hits) == 1
     offsets.add(hits[0])
   assert len(offsets) == 25  # every offset in [0, 2 * padding] reachable
+
+
+@pytest.mark.parametrize("shape,padding", [((6, 7, 3), 2), ((3, 4, 2), 6), ((2, 9, 1), 3)])
+def test_random_crop_equals_slicing_np_pad(shape, padding):
+  # Windows that miss the image entirely (padding > side) are all zeros, as in np.pad's.
+  image = np.random.default_rng(0).random(shape, dtype=np.float32) + 0.1
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  empty = 0
+  for seed in range(200):
+    top, left = np.random.default_rng(seed).integers(0, 2 * padding + 1, size=2)
+    out = data.random_crop(image, np.random.default_rng(seed), padding)
+    np.testing.assert_array_equal(out, padded[top:top + shape[0], left:left + shape[1]])
+    empty += not out.any()
+  assert (empty > 0) == (padding >= min(shape[:2]))
+
+
+def test_normalize_per_channel_on_a_mirrored_view():
+  image = np.random.default_rng(1).random((5, 6, 3), dtype=np.float32)[:, ::-1]
+  mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+  out = data.Normalize(mean, std)({"image": image, "label": np.int32(0)})["image"]
+  expected = (image - np.float32(mean)) / np.float32(std)
+  np.testing.assert_array_equal(out, expected)
+  assert out.dtype == np.float32 and out.flags.c_contiguous
+  assert out[2, 3, 2] == (image[2, 3, 2] - np.float32(0.3)) / np.float32(2.0)
+
+
+def test_resize_planes_match_pillow_per_channel():
+  from PIL import Image
+  image = np.random.default_rng(2).random((7, 5, 3), dtype=np.float32)
+  out = data.resize(image, 12, 9)
+  assert out.shape == (12, 9, 3) and out.dtype == np.float32
+  for c in range(3):
+    plane = Image.fromarray(np.ascontiguousarray(image[..., c]))
+    np.testing.assert_array_equal(out[..., c], np.asarray(plane.resize((9, 12), Image.BILINEAR)))
 
 
 def test_identity_and_flip_augmentation():

@@ -38,6 +38,7 @@ from flax import linen as nn
 
 from attention_flax.conv import conv_general_dilated
 from attention_flax.layers.common import check_images, get_act
+from attention_flax.layers.norm import TorchBatchNorm
 
 Array = jax.Array
 
@@ -92,12 +93,13 @@ def _max_pool(x: Array) -> Array:
 
 
 def _batch_norm(module: nn.Module, name: str, x: Array, train: bool) -> Array:
-  """A PyTorch-convention BatchNorm child of ``module`` called ``name``, applied to ``x``."""
-  norm = nn.BatchNorm(use_running_average=not train, momentum=module.bn_momentum,
-                      epsilon=module.bn_epsilon, dtype=module.dtype,
-                      param_dtype=module.param_dtype, name=name)
-  # Flax mixes its float32 statistics with a bfloat16 input inside BatchNorm; allow that
-  # mixing for this call only, so strict promotion keeps guarding the rest of the model.
+  """``module.norm`` (by default :class:`TorchBatchNorm`, PyTorch's running-variance rule)
+  as the child ``name`` of ``module``, with its ``bn_momentum`` / ``bn_epsilon``."""
+  norm = module.norm(use_running_average=not train, momentum=module.bn_momentum,
+                     epsilon=module.bn_epsilon, dtype=module.dtype,
+                     param_dtype=module.param_dtype, name=name)
+  # A norm such as flax.linen.BatchNorm mixes float32 statistics with a bfloat16 input;
+  # allow that for this call only, so strict promotion keeps guarding the rest.
   with jax.numpy_dtype_promotion("standard"):
     return norm(x)
 
@@ -118,6 +120,9 @@ class ResidualUnit(nn.Module):
     bottleneck_ratio: ``features`` over the bottleneck width (4 in the paper).
     act: activation after each norm.
     bn_momentum, bn_epsilon: BatchNorm settings (PyTorch defaults in Flax terms).
+    norm: the BatchNorm factory, called with ``use_running_average``, ``momentum``,
+      ``epsilon``, ``dtype``, ``param_dtype`` and ``name`` (``flax.linen.BatchNorm`` also
+      fits; its variables have the same names).
     dtype: compute dtype (None: Flax's promotion of input and parameters).
     param_dtype: parameter dtype.
 
@@ -129,6 +134,7 @@ class ResidualUnit(nn.Module):
   act: str | Callable = "relu"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: Callable[..., nn.Module] = TorchBatchNorm
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -200,7 +206,7 @@ class ResidualAttention(nn.Module):
     bottleneck_ratio: width ratio of every unit.
     align_corners: up-sampling convention (False: half-pixel centres; True: Caffe's).
     act: activation after each norm; gate: the mask's squashing function.
-    bn_momentum, bn_epsilon: BatchNorm settings.
+    bn_momentum, bn_epsilon, norm: BatchNorm settings and factory, as in ResidualUnit.
     dtype, param_dtype: compute and parameter dtypes.
 
   Input (N, H, W, C); output (N, H, W, features).
@@ -216,6 +222,7 @@ class ResidualAttention(nn.Module):
   gate: str | Callable = "sigmoid"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: Callable[..., nn.Module] = TorchBatchNorm
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -238,7 +245,8 @@ class ResidualAttention(nn.Module):
     def unit(unit_name, out=None):
       return ResidualUnit(features=out, bottleneck_ratio=self.bottleneck_ratio, act=self.act,
                           bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=unit_name)
+                          norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=unit_name)
 
     for i in range(p):
       x = unit(f"pre{i + 1}", features)(x, train)

@@ -45,6 +45,7 @@ from flax import linen as nn
 
 from attention_flax.conv import conv_general_dilated
 from attention_flax.layers.common import check_images, get_act
+from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
 from attention_flax.models.common import ModelEntry
 
@@ -87,6 +88,7 @@ class ResidualAttentionNet(nn.Module):
   gate: str | Callable = "sigmoid"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  norm: Callable[..., nn.Module] = TorchBatchNorm
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -108,10 +110,10 @@ class ResidualAttentionNet(nn.Module):
       raise ValueError(f"{name}.num_classes must be >= 1; got {self.num_classes}.")
 
   def _norm_act(self, x: Array, name: str, train: bool) -> Array:
-    norm = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
-    # Flax's BatchNorm mixes float32 statistics with a bfloat16 input internally.
+    norm = self.norm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)
+    # A norm such as flax.linen.BatchNorm mixes float32 statistics with a bfloat16 input.
     with jax.numpy_dtype_promotion("standard"):
       x = norm(x)
     return get_act(self.act)(x)
@@ -122,7 +124,7 @@ class ResidualAttentionNet(nn.Module):
     self._check()
     common = dict(bottleneck_ratio=self.bottleneck_ratio, act=self.act,
                   bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
     unit = functools.partial(ResidualUnit, **common)
     attention = functools.partial(ResidualAttention, p=self.p, t=self.t, r=self.r,
                                   align_corners=self.align_corners, gate=self.gate, **common)

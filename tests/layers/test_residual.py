@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit, resize_bilinear
 
@@ -306,13 +307,20 @@ def test_train_mode_updates_batch_stats(module_and_variables):
   _, state = layer.apply(variables, x, train=True, mutable=["batch_stats"])
   stats = state["batch_stats"]
   # pre1's first norm sees x itself: with momentum 0.9 the running mean moves from 0 a
-  # tenth of the way to the batch mean, and the variance from 1 towards the batch variance.
+  # tenth of the way to the batch mean, and the variance from 1 towards the batch's
+  # unbiased variance (PyTorch's rule, the default TorchBatchNorm's).
   np.testing.assert_allclose(np.asarray(stats["pre1"]["bn1"]["mean"]),
                              0.1 * np.asarray(x).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(np.asarray(stats["pre1"]["bn1"]["var"]),
-                             0.9 + 0.1 * np.asarray(x).var(axis=(0, 1, 2)), rtol=1e-4)
+                             0.9 + 0.1 * np.asarray(x).var(axis=(0, 1, 2), ddof=1), rtol=1e-4)
   moved = float(jnp.max(jnp.abs(stats["down2_1"]["bn1"]["mean"])))
   assert moved > 0.0
+  # The norm factory is honoured: Flax's BatchNorm keeps the biased variance, and its
+  # variables have the same names and shapes.
+  flax_layer = layer.clone(norm=nn.BatchNorm)
+  _, flax_state = flax_layer.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(flax_state["batch_stats"]["pre1"]["bn1"]["var"]),
+                             0.9 + 0.1 * np.asarray(x).var(axis=(0, 1, 2)), rtol=1e-4)
 
 
 def test_bad_input_and_settings_are_rejected():

@@ -317,6 +317,7 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
     for _ in range(batches):
       next(it)
     elapsed = time.perf_counter() - start
+    it.close()  # Stops reader threads and worker processes now, not at garbage collection.
   ips = batch * batches / elapsed
   model_ips = model_row["images_per_second"] if model_row else None
   return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),

@@ -398,6 +398,7 @@ def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     progress.close()
     writer.close()
     ckpt.close()  # Finishes the last good save even when a non-finite loss stopped the run.
+    batches.close()  # Stops the input pipeline's threads and worker processes now.
   results = {
       "model": config.model, "test_accuracy": final["accuracy"], "test_top5": final["top5"],
       "test_loss": final["loss"], "eval_examples": final["count"], "steps": int(step),

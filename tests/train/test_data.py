@@ -124,7 +124,9 @@ def test_worker_processes_give_the_same_batches():
                    augment={"crop_padding": 2, "flip": True})
   threads = _take(iter(data.train_dataset(config, batch_size=8, seed=5)), 3)
   config.worker_count = 2
-  workers = _take(iter(data.train_dataset(config, batch_size=8, seed=5)), 3)
+  it = iter(data.train_dataset(config, batch_size=8, seed=5))
+  workers = _take(it, 3)
+  it.close()  # Ends the worker processes here rather than at garbage collection.
   for a, b in zip(threads, workers):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])

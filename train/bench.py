@@ -321,7 +321,8 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
   ips = batch * batches / elapsed
   model_ips = model_row["images_per_second"] if model_row else None
   return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
-          "workers": workers, "images_per_second": ips, "model": model_row["model"] if model_row else None,
+          "workers": workers, "images_per_second": ips,
+          "model": model_row["model"] if model_row else None,
           "model_images_per_second": model_ips,
           "ratio_vs_model": ips / model_ips if model_ips else None}
 
@@ -382,7 +383,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     if r["kind"] == "pipeline":
       out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
-              f"{'x'.join(map(str, r['image_shape']))}, {r['workers']} workers): {r['images_per_second']:.0f} img/s; "
+              f"{'x'.join(map(str, r['image_shape']))}, {r['workers']} workers): "
+              f"{r['images_per_second']:.0f} img/s; "
               f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s; "
               f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]
   return "\n".join(out)

@@ -28,6 +28,7 @@ def synchronize(device: str) -> None:
     import torch
     torch.cuda.synchronize()
 
+
 def _torch_cifar_resnet(fields: dict[str, Any], num_classes: int, in_chans: int) -> Any:
   """A CIFAR-style ResNet of timm BasicBlocks: the same stem, widths and shortcut as ours."""
   import torch

@@ -47,7 +47,9 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
   (None = tfds default, or the image-folder root), train_split, eval_split, image_size
   (square side after preprocessing), channels, augment (crop_padding, flip,
   random_resized_crop, min_area), mean and std (per channel, after scaling to [0, 1]),
-  worker_count, seed (fixes the digits train/test split and the distortions).
+  worker_count, seed (fixes the digits train/test split and the distortions),
+  normalize_on_device (uint8 images travel to the device as uint8 and are normalised in
+  the jitted step; float images, such as the embedded digits, are normalised on the host).
   """
   data = ml_collections.ConfigDict({
       "name": name,
@@ -67,6 +69,7 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
       "std": (0.5,),
       "worker_count": 0,
       "seed": 0,
+      "normalize_on_device": True,
   })
   for key, value in overrides.items():
     if key == "augment":

@@ -46,8 +46,9 @@ JSON (``--out``): a list of objects, each with ``kind``:
     backward (gradients for image and grid), compile_time_s, and with torch the same
     torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
   "pipeline": data, batch, image_shape, workers (``--pipeline_workers``), images_per_second
-    of ``train.data.train_dataset``, model, model_images_per_second (the fastest model's),
-    ratio_vs_model (pipeline / model: >= 1 means the input pipeline keeps up).
+    of ``train.data.train_dataset`` as the trainer reads it (uint8 sources stay uint8 for
+    the device to normalise), image_dtype (of its batches), model, model_images_per_second
+    (the fastest model's), ratio_vs_model (pipeline / model: >= 1 means it keeps up).
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ def pipeline_data_config(name: str, size: int, channels: int, workers: int = 0) 
 def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup: int,
                    batches: int, model_row: dict[str, Any] | None,
                    workers: int = 0) -> dict[str, Any]:
-  """Images per second out of ``train.data.train_dataset`` (augmented, normalised)."""
+  """Images per second out of ``train.data.train_dataset`` (augmented; normalised on the
+  host, or uint8 pixels for the device to normalise, as the trainer asks for them)."""
   import contextlib
   from train import data as data_lib
   config = pipeline_data_config(data, int(image_shape[0]), int(image_shape[-1]), workers)
@@ -310,7 +312,9 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
     import tensorflow_datasets as tfds
     mock = tfds.testing.mock_data(num_examples=max(4 * batch, 256))
   with mock:
-    it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0))
+    keep_uint8 = data_lib.parse_data_config(config).normalize_on_device
+    it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0, keep_uint8=keep_uint8))
+    dtype = next(it)["image"].dtype
     for _ in range(warmup):
       next(it)
     start = time.perf_counter()
@@ -321,7 +325,7 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
   ips = batch * batches / elapsed
   model_ips = model_row["images_per_second"] if model_row else None
   return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
-          "workers": workers, "images_per_second": ips,
+          "workers": workers, "images_per_second": ips, "image_dtype": str(dtype),
           "model": model_row["model"] if model_row else None,
           "model_images_per_second": model_ips,
           "ratio_vs_model": ips / model_ips if model_ips else None}
@@ -383,7 +387,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     if r["kind"] == "pipeline":
       out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
-              f"{'x'.join(map(str, r['image_shape']))}, {r['workers']} workers): "
+              f"{'x'.join(map(str, r['image_shape']))} {r['image_dtype']}, "
+              f"{r['workers']} workers): "
               f"{r['images_per_second']:.0f} img/s; "
               f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s; "
               f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]

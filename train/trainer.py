@@ -19,7 +19,7 @@ import contextlib
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +41,28 @@ SCHEDULES = ("constant", "step", "cosine")
 class TrainState(train_state.TrainState):
   """step, params, opt_state (from flax) plus batch-norm statistics and the run's key.
 
-  ``schedule`` (step -> learning rate) and ``label_smoothing`` are static: part of the
-  compiled step, not of the checkpoint.
+  ``schedule`` (step -> learning rate), ``label_smoothing`` and the per-channel
+  ``image_mean`` / ``image_std`` that uint8 batches are normalised with
+  (:func:`normalize_images`) are static: part of the compiled step, not of the checkpoint.
   """
   batch_stats: Any
   rng: jax.Array
   schedule: Callable[[Any], Any] = struct.field(pytree_node=False, default=None)
   label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+  image_mean: tuple[float, ...] = struct.field(pytree_node=False, default=(0.0,))
+  image_std: tuple[float, ...] = struct.field(pytree_node=False, default=(1.0,))
+
+
+def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float]
+                     ) -> jax.Array:
+  """uint8 (N, H, W, C) pixels -> float32 (pixels / 255 - mean) / std, per channel: the
+  host pipeline's formula (``train.transforms.Normalize``), here inside the jitted step, where
+  it fuses into the first layer's read. Floating images are taken to be normalised
+  already and returned unchanged."""
+  if images.dtype != jnp.uint8:
+    return images
+  scaled = images.astype(jnp.float32) / jnp.float32(255.0)
+  return (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def state_to_tree(state: TrainState) -> dict[str, Any]:
@@ -200,13 +215,16 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
   # several times faster than threefry's, which dominated start-up on CPUs.
   init_key = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(init_rng), 2), impl="rbg")
 
+  spec = data_lib.parse_data_config(config.data)
+
   def init(key):
     images = jnp.zeros((1, *input_shape), jnp.float32)
     variables = model.init({"params": key, "dropout": key}, images, train=False)
     state = TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx,
         batch_stats=variables.get("batch_stats", {}), rng=state_rng, schedule=schedule,
-        label_smoothing=float(config.label_smoothing))
+        label_smoothing=float(config.label_smoothing), image_mean=spec.mean,
+        image_std=spec.std)
     # An explicit int32 step: a weakly typed one would recompile after a restore.
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -216,16 +234,18 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a (global) batch {"image": (N, H, W, C), "label": (N,)}.
+  """One SGD step on a (global) batch {"image": (N, H, W, C), "label": (N,)}; uint8 images
+  are normalised first with the state's image_mean / image_std.
 
   Returns the new state and scalar metrics: loss, accuracy, learning_rate, grad_norm,
   param_norm and "finite" (false once loss, gradients or parameters overflow).
   """
   rng = jax.random.fold_in(rng, state.step)
+  images = normalize_images(batch["image"], state.image_mean, state.image_std)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         rngs={"dropout": rng}, mutable=["batch_stats"])
     logits = logits.astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], state.label_smoothing).mean()
@@ -251,10 +271,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
   """Sums over the real examples of a batch (``batch["mask"]`` = 1; padding = 0).
 
   Returns {"correct_top1", "correct_top5", "loss_sum", "count"}; top-5 is top-k with
-  k = min(5, classes). The loss has no label smoothing.
+  k = min(5, classes). The loss has no label smoothing. uint8 images are normalised as in
+  :func:`train_step`.
   """
+  images = normalize_images(batch["image"], state.image_mean, state.image_std)
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False).astype(jnp.float32)
+                          images, train=False).astype(jnp.float32)
   labels = batch["label"]
   mask = batch.get("mask")
   mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -299,8 +321,10 @@ def evaluate(eval_fn: Callable, state: TrainState, config: ml_collections.Config
              mesh: Mesh) -> dict[str, float]:
   """Top-1, top-5 and loss over one pass of the eval split (padding excluded by the mask)."""
   totals, count = None, jax.process_count()
+  keep_uint8 = data_lib.parse_data_config(config.data).normalize_on_device
   for batch in data_lib.eval_batches(config.data, batch_size=config.eval_batch_size // count,
-                                     process_index=jax.process_index(), process_count=count):
+                                     process_index=jax.process_index(), process_count=count,
+                                     keep_uint8=keep_uint8):
     sums = eval_fn(state, shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -340,9 +364,11 @@ def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   state = create_train_state(config, model, jax.random.PRNGKey(config.seed),
                              tuple(info.image_shape), steps_per_epoch=steps_per_epoch,
                              mesh=mesh)
+  # uint8 sources stay uint8 up to the device (normalize_on_device): a quarter of the bytes.
   batches = iter(data_lib.train_dataset(
       config.data, batch_size=config.batch_size // processes, seed=config.seed,
-      process_index=jax.process_index(), process_count=processes))
+      process_index=jax.process_index(), process_count=processes,
+      keep_uint8=data_lib.parse_data_config(config.data).normalize_on_device))
   if resume:
     state = state.replace(**ckpt.restore(state_to_tree(state), batches))
   start = int(state.step)

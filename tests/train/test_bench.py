@@ -79,7 +79,7 @@ def test_sampler_and_pipeline_rows(tiny_run):
   assert sampler["shape"] == [2, 6, 5, 3] and sampler["model"] == "grid_sample"
   assert sampler["step_time_min_s"] <= sampler["step_time_median_s"]
   assert pipeline["data"] == "digits" and pipeline["image_shape"] == [32, 32, 3]
-  assert pipeline["workers"] == 0
+  assert pipeline["workers"] == 0 and pipeline["image_dtype"] == "float32"
   fastest = max(rows[1:3], key=lambda r: r["images_per_second"])
   assert pipeline["model"] == fastest["model"]
   assert math.isclose(pipeline["ratio_vs_model"],
@@ -116,6 +116,13 @@ def test_pipeline_with_worker_processes():
                              model_row=None, workers=1)
   assert row["workers"] == 1 and row["images_per_second"] > 0
   assert row["model"] is None and row["ratio_vs_model"] is None
+  assert row["image_dtype"] == "float32"  # the embedded digits are float images
+
+
+def test_pipeline_of_uint8_images_stays_uint8():
+  row = bench.bench_pipeline("cifar10_mock", batch=4, image_shape=(16, 16, 3), warmup=1,
+                             batches=2, model_row=None)
+  assert row["image_dtype"] == "uint8" and row["images_per_second"] > 0
 
 
 def test_against_torch_tiny(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from train import data
 from train import datasets
 from train import prepare
+from train import transforms
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -84,7 +85,7 @@ def test_resize_and_pad_placement():
   # Half-pixel bilinear: [0, 1] upsampled to 4 is [0, 0.25, 0.75, 1] (PIL agrees).
   ramp = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float32)
   np.testing.assert_allclose(datasets.resize_bilinear(ramp, 4)[0, 0], [0, 0.25, 0.75, 1])
-  np.testing.assert_allclose(data.resize(ramp[0][..., None], 4, 4)[0, :, 0],
+  np.testing.assert_allclose(transforms.resize(ramp[0][..., None], 4, 4)[0, :, 0],
                              [0, 0.25, 0.75, 1], atol=1e-6)
 
 
@@ -268,6 +269,48 @@ def test_tfds_mock_mnist_and_cifar10():
     assert len(evals) == 3 and sum(b["mask"].sum() for b in evals) == 12
 
 
+def _device_normalized(batch, config):
+  from train import trainer  # pylint: disable=g-import-not-at-top
+  return np.asarray(trainer.normalize_images(batch["image"], config.mean, config.std))
+
+
+@pytest.mark.parametrize("name,channels", [("cifar10", 3), ("mnist", 3), ("cifar10", 1)])
+def test_uint8_batches_normalised_on_device_match_host_batches(name, channels):
+  # keep_uint8 ships the pixels; normalize_images in the step must give the host's batch.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  size = 32 if name == "cifar10" else 28
+  mean, std = (0.4, 0.5, 0.6)[:channels], (0.2, 0.25, 0.3)[:channels]
+  config = _config(name="tfds", tfds_name=name, image_size=size, channels=channels,
+                   mean=mean, std=std, augment={"crop_padding": 4, "flip": True})
+  with tfds.testing.mock_data(num_examples=12):
+    host = _take(iter(data.train_dataset(config, batch_size=4, seed=7)), 3)
+    pixels = _take(iter(data.train_dataset(config, batch_size=4, seed=7, keep_uint8=True)), 3)
+    host_eval = list(data.eval_batches(config, batch_size=5))
+    pixel_eval = list(data.eval_batches(config, batch_size=5, keep_uint8=True))
+  for want, got in zip(host + host_eval, pixels + pixel_eval):
+    assert got["image"].dtype == np.uint8 and got["image"].shape == want["image"].shape
+    np.testing.assert_array_equal(got["label"], want["label"])
+    real = want.get("mask", np.ones(len(want["label"]))) == 1  # padding rows are masked
+    device = _device_normalized(got, config)[real]
+    if channels == 1:
+      # RGB -> gray: the uint8 path rounds the luma to a whole level, as Pillow's "L".
+      np.testing.assert_allclose(device, want["image"][real], atol=0.5 / 255 / std[0] + 1e-6)
+    else:
+      # Equal up to float32 rounding: XLA may fold the divisions into multiplications.
+      np.testing.assert_allclose(device, want["image"][real], rtol=1e-6, atol=1e-6)
+  # The last eval batch holds 2 real rows and 3 uint8 rows of padding.
+  np.testing.assert_array_equal(pixel_eval[-1]["mask"], [1, 1, 0, 0, 0])
+  assert not pixel_eval[-1]["image"][2:].any()
+
+
+def test_float_sources_stay_normalised_on_the_host_with_keep_uint8():
+  host = next(iter(data.train_dataset(_config(), batch_size=8, seed=1)))
+  kept = next(iter(data.train_dataset(_config(), batch_size=8, seed=1, keep_uint8=True)))
+  assert kept["image"].dtype == np.float32
+  np.testing.assert_array_equal(kept["image"], host["image"])
+  np.testing.assert_array_equal(_device_normalized(kept, _config()), host["image"])
+
+
 def test_unprepared_tfds_fails_fast_with_the_fix(tmp_path):
   config = _config(name="tfds", tfds_name="mnist", data_dir=str(tmp_path), image_size=28)
   start = time.monotonic()
@@ -327,94 +370,6 @@ def test_image_folder_errors(tmp_path):
   (tmp_path / "empty" / "cat").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="No images"):
     data.get_info(_config(name="folder", data_dir=str(tmp_path), eval_split="empty"))
-
-
-# ------------------------------------------------------------------- augmentation
-
-
-def test_random_crop_is_a_window_of_the_padded_image():
-  image = np.random.default_rng(0).random((6, 7, 3), dtype=np.float32) + 0.1
-  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
-  offsets = set()
-  for seed in range(300):
-    out = data.random_crop(image, np.random.default_rng(seed), 2)
-    assert out.shape == image.shape
-    hits = [(y, x) for y in range(5) for x in range(5)
-            if np.array_equal(out, padded[y:y + 6, x:x + 7])]
-    assert len(hits) == 1
-    offsets.add(hits[0])
-  assert len(offsets) == 25  # every offset in [0, 2 * padding] reachable
-
-
-@pytest.mark.parametrize("shape,padding", [((6, 7, 3), 2), ((3, 4, 2), 6), ((2, 9, 1), 3)])
-def test_random_crop_equals_slicing_np_pad(shape, padding):
-  # Windows that miss the image entirely (padding > side) are all zeros, as in np.pad's.
-  image = np.random.default_rng(0).random(shape, dtype=np.float32) + 0.1
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  empty = 0
-  for seed in range(200):
-    top, left = np.random.default_rng(seed).integers(0, 2 * padding + 1, size=2)
-    out = data.random_crop(image, np.random.default_rng(seed), padding)
-    np.testing.assert_array_equal(out, padded[top:top + shape[0], left:left + shape[1]])
-    empty += not out.any()
-  assert (empty > 0) == (padding >= min(shape[:2]))
-
-
-def test_normalize_per_channel_on_a_mirrored_view():
-  image = np.random.default_rng(1).random((5, 6, 3), dtype=np.float32)[:, ::-1]
-  mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-  out = data.Normalize(mean, std)({"image": image, "label": np.int32(0)})["image"]
-  expected = (image - np.float32(mean)) / np.float32(std)
-  np.testing.assert_array_equal(out, expected)
-  assert out.dtype == np.float32 and out.flags.c_contiguous
-  assert out[2, 3, 2] == (image[2, 3, 2] - np.float32(0.3)) / np.float32(2.0)
-
-
-def test_resize_planes_match_pillow_per_channel():
-  from PIL import Image
-  image = np.random.default_rng(2).random((7, 5, 3), dtype=np.float32)
-  out = data.resize(image, 12, 9)
-  assert out.shape == (12, 9, 3) and out.dtype == np.float32
-  for c in range(3):
-    plane = Image.fromarray(np.ascontiguousarray(image[..., c]))
-    np.testing.assert_array_equal(out[..., c], np.asarray(plane.resize((9, 12), Image.BILINEAR)))
-
-
-def test_identity_and_flip_augmentation():
-  image = np.random.default_rng(1).random((8, 8, 1), dtype=np.float32)
-  example = {"image": image, "label": np.int32(3)}
-  plain = data.TrainAugment(image_size=8)(example, np.random.default_rng(0))
-  np.testing.assert_array_equal(plain["image"], image)
-  flips = [data.TrainAugment(image_size=8, flip=True)(example, np.random.default_rng(s))
-           for s in range(200)]
-  mirrored = sum(np.array_equal(f["image"], image[:, ::-1]) for f in flips)
-  unchanged = sum(np.array_equal(f["image"], image) for f in flips)
-  assert mirrored + unchanged == 200 and 70 < mirrored < 130
-
-
-def test_random_resized_crop_and_center_crop():
-  ramp = np.tile(np.linspace(0, 1, 40, dtype=np.float32)[None, :, None], (30, 1, 3))
-  crop = data.random_resized_crop(ramp, np.random.default_rng(0), 16, min_area=0.08)
-  assert crop.shape == (16, 16, 3)
-  assert np.all(np.diff(crop[..., 0], axis=1) >= -1e-6)  # a window of a ramp stays a ramp
-  whole = data.random_resized_crop(np.full((20, 20, 1), 0.3, np.float32),
-                                   np.random.default_rng(0), 8, min_area=1.0)
-  np.testing.assert_allclose(whole, 0.3, atol=1e-6)
-  centre = data.center_crop(ramp, 16, crop_pct=0.8)  # shorter side 30 -> 20, width 27
-  assert centre.shape == (16, 16, 3)
-  assert centre[:, :, 0].mean() == pytest.approx(0.5, abs=0.02)  # centred on the ramp
-
-
-def test_channel_conversion_and_dtypes():
-  rgb = np.array([[[0.2, 0.4, 0.6]]], np.float32)
-  np.testing.assert_allclose(data.match_channels(rgb, 1),
-                             [[[0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6]]], rtol=1e-6)
-  np.testing.assert_array_equal(data.match_channels(rgb[..., :1], 3),
-                                np.full((1, 1, 3), rgb[0, 0, 0]))
-  np.testing.assert_allclose(data.to_float(np.array([[0, 51, 255]], np.uint8))[..., 0],
-                             [[0.0, 0.2, 1.0]])
-  with pytest.raises(TypeError, match="uint8"):
-    data.to_float(np.zeros((2, 2, 1), np.int32))
 
 
 # ------------------------------------------------------------------------- errors

@@ -228,6 +228,34 @@ def test_half_precision_computes_in_bf16_with_float32_params():
   assert step_metrics["loss"].dtype == jnp.float32
 
 
+def test_uint8_batches_are_normalised_in_the_step():
+  # The pipeline's uint8 pixels (normalize_on_device) and the host-normalised floats give
+  # the same step: the state carries data.mean / data.std into the compiled function.
+  config = tiny_config()
+  config.data.channels, config.data.mean, config.data.std = 3, (0.2, 0.5, 0.7), (0.3, 0.2, 0.4)
+  model = trainer.build_model(config, 10)
+  state = trainer.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 3))
+  assert (state.image_mean, state.image_std) == ((0.2, 0.5, 0.7), (0.3, 0.2, 0.4))
+  pixels = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+  host = (pixels.astype(np.float32) / np.float32(255) - np.float32(config.data.mean)
+          ) / np.float32(config.data.std)
+  labels = np.arange(16, dtype=np.int32) % 10
+  rng = jax.random.PRNGKey(1)
+  train_step, eval_step = jax.jit(trainer.train_step), jax.jit(trainer.eval_step)
+  steps = [train_step(state, {"image": images, "label": labels}, rng)
+           for images in (pixels, host)]
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(steps[0][1][key], steps[1][1][key], rtol=1e-5)
+  chex.assert_trees_all_close(steps[0][0].params, steps[1][0].params, rtol=1e-5, atol=1e-6)
+  evals = [eval_step(state, {"image": images, "label": labels})
+           for images in (pixels, host)]
+  chex.assert_trees_all_close(evals[0], evals[1], rtol=1e-5)
+  # Against a model that ignored the mean/std: the loss is not the same.
+  raw = train_step(state, {"image": pixels.astype(np.float32) / 255, "label": labels},
+                   rng)[1]["loss"]
+  assert abs(float(raw) - float(steps[0][1]["loss"])) > 1e-4
+
+
 # ----------------------------------------------------------------------- end to end
 
 

@@ -56,9 +56,8 @@ class TrainState(train_state.TrainState):
 def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float]
                      ) -> jax.Array:
   """uint8 (N, H, W, C) pixels -> float32 (pixels / 255 - mean) / std, per channel: the
-  host pipeline's formula (``train.transforms.Normalize``), here inside the jitted step, where
-  it fuses into the first layer's read. Floating images are taken to be normalised
-  already and returned unchanged."""
+  host pipeline's formula (``train.transforms.Collate``), here inside the jitted step.
+  Floating images are taken to be normalised already and returned unchanged."""
   if images.dtype != jnp.uint8:
     return images
   scaled = images.astype(jnp.float32) / jnp.float32(255.0)

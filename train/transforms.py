@@ -212,24 +212,10 @@ class EvalResize:
 
 
 @dataclasses.dataclass(frozen=True)
-class Normalize:
-  """(image - mean) / std per channel into a fresh contiguous float32 (H, W, len(mean))
-  array; a one-channel image is broadcast to every channel (grayscale -> RGB)."""
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-
-  def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    source = to_float(example["image"])
-    h, w, _ = source.shape
-    image = np.empty((h, w, len(self.mean)), np.float32)
-    _normalize_into(image[None], [source], self.mean, self.std)
-    return {"image": image, "label": example["label"]}
-
-
-@dataclasses.dataclass(frozen=True)
 class Collate:
   """The pipeline's batch function: examples -> {"image": (N, H, W, len(mean)) float32,
-  normalised as by :class:`Normalize`, "label": (N,) int32}. uint8 images (from
+  (image - mean) / std per channel, "label": (N,) int32}; a one-channel image is written
+  into every channel (grayscale -> RGB). uint8 images (from
   ``Decode(keep_uint8=True)``) are batched as uint8 pixels, not normalised: a quarter of
   the bytes through the pipeline, the worker processes and the host-to-device copy.
 
@@ -290,7 +276,7 @@ def _fill(target: np.ndarray, source: np.ndarray) -> None:
     for k in range(channels):
       target[..., k] = plane
   else:
-    raise ValueError(f"Normalize got {c}-channel images for {channels} mean/std values.")
+    raise ValueError(f"Got {c}-channel images for {channels} mean/std values.")
 
 
 @functools.lru_cache(maxsize=64)

@@ -120,7 +120,7 @@ def test_train_determinism_by_seed():
 
 
 def test_worker_processes_give_the_same_batches():
-  # Grayscale digits into 3 channels: decoded as one plane, broadcast by Normalize.
+  # Grayscale digits into 3 channels: decoded as one plane, broadcast by Collate.
   config = _config(channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0),
                    augment={"crop_padding": 2, "flip": True})
   threads = _take(iter(data.train_dataset(config, batch_size=8, seed=5)), 3)

@@ -40,7 +40,7 @@ def test_random_crop_equals_slicing_np_pad(shape, padding):
 def test_normalize_per_channel_on_a_mirrored_view():
   image = np.random.default_rng(1).random((5, 6, 3), dtype=np.float32)[:, ::-1]
   mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-  out = transforms.Normalize(mean, std)({"image": image, "label": np.int32(0)})["image"]
+  out = transforms.Collate(mean, std)([{"image": image, "label": np.int32(0)}])["image"][0]
   expected = (image - np.float32(mean)) / np.float32(std)
   np.testing.assert_array_equal(out, expected)
   assert out.dtype == np.float32 and out.flags.c_contiguous

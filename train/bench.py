@@ -43,7 +43,8 @@ JSON (``--out``): a list of objects, each with ``kind``:
     torch_note.
   "conv" (with ``--convs``): single convolution layers, see ``train/bench_conv.py``.
   "sampler": shape (N, H, W, C), step_time_{median,min,max}_s of ``grid_sample`` forward +
-    backward (gradients for image and grid), compile_time_s, and with torch the same
+    backward (the samples, and the gradients for image and grid from a fixed random output
+    gradient), compile_time_s, and with torch the same
     torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
   "pipeline": data, batch, image_shape, workers (``--pipeline_workers``), images_per_second
     of ``train.data.train_dataset`` as the trainer reads it (uint8 sources stay uint8 for
@@ -248,12 +249,15 @@ class _OurSampler:
     self.grid = np.asarray(affine_grid(jnp.asarray(theta), shape))
     self.cot = rs.standard_normal(shape).astype(np.float32)
 
-    def loss(x, grid, cot):
-      return jnp.sum(grid_sample(x, grid) * cot)
+    def forward_backward(x, grid, cot):
+      # The samples and both gradients for a given output gradient, as inside a network
+      # (no loss reduction fused into the sampler).
+      out, pullback = jax.vjp(grid_sample, x, grid)
+      return out, *pullback(cot)
 
     args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
     start = time.perf_counter()
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    fn = jax.jit(forward_backward)
     self.compiled = fn.lower(*args).compile()
     self.compile_time = time.perf_counter() - start
     self.args, self.times = args, []

@@ -8,7 +8,9 @@ instead of an XLA shape error.
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,88 @@ def reduced_width(channels: int, rd_ratio: float, rd_divisor: int,
   if rd_ratio <= 0.0:
     raise ValueError(f"rd_ratio must be positive, got {rd_ratio}.")
   return max(1, make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0))
+
+
+def _stats_dtype(x: Array) -> jnp.dtype:
+  # Sums and counts in float32, or float64 for float64 input; a bfloat16 running sum would
+  # stop growing at 256 times its increment.
+  return jnp.dtype(jnp.float64) if x.dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _variadic_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
+  """(sum, max, number of entries equal to the max) over ``axes`` with kept dims, in one
+  variadic reduction: one pass over x, which XLA:CPU fuses with x's producer."""
+  acc = _stats_dtype(x)
+
+  def combine(a, b):
+    top = jnp.maximum(a[1], b[1])
+    zero = jnp.zeros((), acc)
+    return (a[0] + b[0], top,
+            jnp.where(a[1] == top, a[2], zero) + jnp.where(b[1] == top, b[2], zero))
+
+  wide = x.astype(acc)  # XLA reduces all operands in one precision; x's values fit exactly
+  init = (jnp.zeros((), acc), jnp.array(-jnp.inf, acc), jnp.zeros((), acc))
+  total, top, count = jax.lax.reduce((wide, wide, jnp.ones(x.shape, acc)), init, combine, axes)
+  shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+  return total.reshape(shape), top.astype(x.dtype).reshape(shape), count.reshape(shape)
+
+
+def _plain_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
+  acc = _stats_dtype(x)
+  top = jnp.max(x, axis=axes, keepdims=True)
+  return (jnp.sum(x, axis=axes, keepdims=True, dtype=acc), top,
+          jnp.sum(x == top, axis=axes, keepdims=True, dtype=acc))
+
+
+def _pool_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
+  # Separate sums and maxima go to a reduction library on XLA:CPU, which reads x once per
+  # statistic and needs it written out; other backends keep XLA's own reductions.
+  return jax.lax.platform_dependent(x, cpu=functools.partial(_variadic_stats, axes=axes),
+                                    default=functools.partial(_plain_stats, axes=axes))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def mean_and_max(x: Array, axis: Sequence[int], keepdims: bool = False) -> tuple[Array, Array]:
+  """``(jnp.mean(x, axis), jnp.max(x, axis))``, the two pools of CBAM's gates, together.
+
+  ``axis`` is a tuple of axes (hashable: it is a static argument).
+
+  Values and derivatives are those of ``jnp.mean`` and ``jnp.max`` (the max's derivative
+  shared equally among tied entries, as JAX and PyTorch's ``amax`` do), but on CPU both
+  pools and the number of tied maxima come from one pass over x, and the derivative is one
+  element-wise pass. The mean is accumulated in float32 and returned in x's dtype.
+  """
+  total, top, _ = _pool_stats(x, _axes(x, axis))
+  return _pooled(x, axis, keepdims, total, top)
+
+
+def _axes(x: Array, axis: Sequence[int]) -> tuple[int, ...]:
+  return tuple(sorted(a % x.ndim for a in axis))
+
+
+def _pooled(x: Array, axis: Sequence[int], keepdims: bool, total: Array,
+            top: Array) -> tuple[Array, Array]:
+  """(total / pooled size in x's dtype, top), without the pooled axes unless keepdims."""
+  axes = _axes(x, axis)
+  mean = (total / math.prod(x.shape[a] for a in axes)).astype(x.dtype)
+  if not keepdims:
+    mean, top = jnp.squeeze(mean, axes), jnp.squeeze(top, axes)
+  return mean, top
+
+
+@mean_and_max.defjvp
+def _mean_and_max_jvp(axis, keepdims, primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  axes = _axes(x, axis)
+  total, top, count = _pool_stats(x, axes)
+  acc = _stats_dtype(x)
+  mean_dot = jnp.sum(x_dot, axis=axes, keepdims=True, dtype=acc)
+  # A product with the tie mask, as JAX's own max rule: a NaN max (no entry equals it) then
+  # spreads NaN to the whole slice's gradient, as it does for jnp.max.
+  at_top = x_dot.astype(acc) * (x == top).astype(acc)
+  top_dot = jnp.sum(at_top, axis=axes, keepdims=True) / count
+  mean_dot, top_dot = _pooled(x, axis, keepdims, mean_dot, top_dot.astype(x.dtype))
+  return _pooled(x, axis, keepdims, total, top), (mean_dot, top_dot)
 
 
 _ACTIVATIONS: dict[str, ActFn] = {

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax.layers.channel import ChannelMlp
-from attention_flax.layers.common import check_images, get_act, reduced_width
+from attention_flax.layers.common import check_images, get_act, mean_and_max, reduced_width
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import SpatialAttention
 
@@ -51,7 +51,7 @@ class CBAMChannel(nn.Module):
     channels = x.shape[-1]
     hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
     # Both descriptors go through the MLP in one batch: (2, N, C).
-    descriptors = jnp.stack([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))])
+    descriptors = jnp.stack(mean_and_max(x, (1, 2)))
     y = nn.Dense(hidden, use_bias=self.mlp_bias, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc1")(descriptors)
     y = get_act(self.act)(y)

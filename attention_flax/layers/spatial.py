@@ -23,17 +23,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax.conv import banded_conv_general_dilated
-from attention_flax.layers.common import check_images, get_act, make_divisible
+from attention_flax.layers.common import check_images, get_act, make_divisible, mean_and_max
 from attention_flax.layers.norm import TorchBatchNorm
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
-
-_CHANNEL_POOLS: dict[str, Callable[[Array], Array]] = {
-    "max": lambda x: jnp.max(x, axis=-1, keepdims=True),
-    "mean": lambda x: jnp.mean(x, axis=-1, keepdims=True),
-}
-
 
 def _batch_norm(norm: ModuleDef, y: Array, train: bool, param_dtype: Any, name: str) -> Array:
   """Applies the child ``norm(name=name, ...)`` to ``y`` in float32; returns ``y``'s dtype.
@@ -102,7 +96,8 @@ class SpatialAttention(nn.Module):
           f"{type(self).__name__} needs an odd positive kernel_size so that the padding is "
           f"symmetric; got {k!r}. Use e.g. 7 or 3.")
     pad = (k - 1) // 2
-    pooled = jnp.concatenate([_CHANNEL_POOLS[name](x) for name in order], axis=-1)
+    pools = dict(zip(("mean", "max"), mean_and_max(x, (-1,), keepdims=True)))
+    pooled = jnp.concatenate([pools[name] for name in order], axis=-1)
     # On CPU this few-channel convolution runs as a banded matrix product (4-7x faster
     # to train than XLA's direct convolution; attention_flax.conv).
     logits = nn.Conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)], use_bias=False,

@@ -126,7 +126,7 @@ def test_vmap_of_the_gradient_equals_a_loop():
 def test_forward_mode_needs_the_flag():
   x, grid, _ = _data((1, 4, 4, 2), (3, 3), seed=9)
   tangent = jnp.asarray(np.random.default_rng(1).standard_normal(grid.shape), jnp.float32)
-  with pytest.raises(TypeError, match="forward-mode"):
+  with pytest.raises(TypeError, match="forward|jvp"):
     jax.jvp(lambda g: grid_sample(x, g), (grid,), (tangent,))
   _, jvp = jax.jit(lambda g, t: jax.jvp(lambda u: grid_sample(x, u, forward_mode=True),
                                         (g,), (t,)))(grid, tangent)

@@ -63,16 +63,17 @@ def reduced_width(channels: int, rd_ratio: float, rd_divisor: int,
   return max(1, make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0))
 
 
-def _stats_dtype(x: Array) -> jnp.dtype:
-  # Sums and counts in float32, or float64 for float64 input; a bfloat16 running sum would
-  # stop growing at 256 times its increment.
-  return jnp.dtype(jnp.float64) if x.dtype == jnp.float64 else jnp.dtype(jnp.float32)
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+  """float64 if any of ``dtypes`` is, else float32: the precision of sums, counts and
+  sampling positions whatever the inputs' (a bfloat16 running sum stops growing at 256
+  times its increment; bfloat16 coordinates are a quarter pixel off on a 64-pixel image)."""
+  return jnp.dtype(jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32)
 
 
 def _variadic_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
   """(sum, max, number of entries equal to the max) over ``axes`` with kept dims, in one
   variadic reduction: one pass over x, which XLA:CPU fuses with x's producer."""
-  acc = _stats_dtype(x)
+  acc = accumulation_dtype(x.dtype)
 
   def combine(a, b):
     top = jnp.maximum(a[1], b[1])
@@ -88,7 +89,7 @@ def _variadic_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Arra
 
 
 def _plain_stats(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
-  acc = _stats_dtype(x)
+  acc = accumulation_dtype(x.dtype)
   top = jnp.max(x, axis=axes, keepdims=True)
   return (jnp.sum(x, axis=axes, keepdims=True, dtype=acc), top,
           jnp.sum(x == top, axis=axes, keepdims=True, dtype=acc))
@@ -135,7 +136,7 @@ def _mean_and_max_jvp(axis, keepdims, primals, tangents):
   (x,), (x_dot,) = primals, tangents
   axes = _axes(x, axis)
   total, top, count = _pool_stats(x, axes)
-  acc = _stats_dtype(x)
+  acc = accumulation_dtype(x.dtype)
   mean_dot = jnp.sum(x_dot, axis=axes, keepdims=True, dtype=acc)
   # A product with the tie mask, as JAX's own max rule: a NaN max (no entry equals it) then
   # spreads NaN to the whole slice's gradient, as it does for jnp.max.

@@ -29,6 +29,7 @@ from attention_flax.layers.norm import TorchBatchNorm
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
 
+
 def _batch_norm(norm: ModuleDef, y: Array, train: bool, param_dtype: Any, name: str) -> Array:
   """Applies the child ``norm(name=name, ...)`` to ``y`` in float32; returns ``y``'s dtype.
 

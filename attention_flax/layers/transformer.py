@@ -29,7 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from attention_flax.conv import conv_general_dilated
-from attention_flax.layers.common import check_images, get_act
+from attention_flax.layers.common import accumulation_dtype, check_images, get_act
 
 Array = jax.Array
 
@@ -48,12 +48,6 @@ def _check_float(a: Any, what: str) -> None:
   if not jnp.issubdtype(a.dtype, jnp.floating):
     raise TypeError(f"{what} must be floating point; got dtype {a.dtype}. "
                     "Convert first, e.g. .astype(jnp.float32).")
-
-
-def _accumulation_dtype(*dtypes: Any) -> Any:
-  # Coordinates in bfloat16 would be off by up to a quarter pixel on a 64-pixel image, so
-  # sampling positions and weights are always worked out in at least float32.
-  return jnp.float64 if any(d == jnp.float64 for d in dtypes) else jnp.float32
 
 
 def _base_coords(n: int, align_corners: bool) -> np.ndarray:
@@ -292,7 +286,7 @@ def grid_sample(x: Array, grid: Array, mode: str = "bilinear", padding_mode: str
 
   n, h, w, c = x.shape
   _, h_out, w_out, _ = gshape
-  acc = _accumulation_dtype(x.dtype, grid.dtype)
+  acc = accumulation_dtype(x.dtype, grid.dtype)
   g = grid.astype(acc).reshape(n, h_out * w_out, 2)
   ix = _source_index(g[..., 0], w, padding_mode, align_corners)
   iy = _source_index(g[..., 1], h, padding_mode, align_corners)

@@ -32,11 +32,24 @@ channel at well under 1 GFLOP/s; written as a matrix product along the image hei
 against a banded (Toeplitz) matrix built from the kernel, the same layer trains 4-7x
 faster. It is plain JAX (every transformation works, ``jax.jvp`` included) and, like the
 first, applies on CPU only.
+
+Third, the compiler: :func:`cpu_compiler_options` are options for ``jax.jit`` on CPU that
+keep XLA's convolutions out of the YNNPACK library (jaxlib 0.10 hands it convolutions,
+dots and reductions by default) and run them with XLA's own kernels, about 2x faster
+forward for a CIFAR ResNet's later 3 x 3 layers and 1.07-1.44x faster training steps on
+2-core AVX-512 machines (``docs/benchmarks.md``); dots and reductions stay with the
+library. With them XLA's own kernel gradient is faster than the patches for a layer
+alone, but the patch route still made whole ResNet-20 and ResNet-50 steps 1.1x faster,
+so it stays. ``python -m train`` and ``train.bench`` compile with them on CPU; in your
+own loop::
+
+  step = jax.jit(train_step, compiler_options=attention_flax.conv.cpu_compiler_options())
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -285,3 +298,36 @@ def banded_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence
         plain(lhs, rhs).dtype)
 
   return lax.platform_dependent(lhs, rhs, cpu=band, default=plain)
+
+
+# XLA:CPU's library fusions left to YNNPACK: dots and reductions. Its convolutions ran about
+# 2x slower than XLA's own; without its reductions batch-norm statistics became slow
+# reduce-windows.
+_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+CPU_COMPILER_OPTIONS = {
+    _YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  try:
+    cpu = jax.devices("cpu")[0]
+    probe = jax.ShapeDtypeStruct((1,), jnp.float32,
+                                 sharding=jax.sharding.SingleDeviceSharding(cpu))
+    jax.jit(jnp.negative, compiler_options=CPU_COMPILER_OPTIONS).lower(probe).compile()
+  except RuntimeError:  # No CPU backend, or a jaxlib without this option or these values.
+    return False
+  return True
+
+
+def cpu_compiler_options() -> dict[str, str]:
+  """``compiler_options`` for ``jax.jit`` of CPU computations (module docstring).
+
+  ``CPU_COMPILER_OPTIONS`` when this jaxlib accepts them (checked once, by compiling a
+  one-element negation), else ``{}``; also ``{}`` when the environment's ``XLA_FLAGS``
+  already set the library fusions (``--xla_cpu_experimental_ynn_fusion_type``), which
+  then decide. Only for computations placed on CPU: other backends ignore or reject them.
+  """
+  if _YNN_FUSIONS in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  return dict(CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else {}

@@ -14,7 +14,7 @@ from flax import linen as nn
 from jax import lax
 
 from attention_flax import conv
-from tests.conv_helpers import conv_loss, random_pair
+from tests.conv_helpers import conv_loss, library_ops, random_pair
 
 _loss, _random = conv_loss, random_pair
 
@@ -174,3 +174,47 @@ def test_large_layers_take_the_patch_route():
   x, k = _random((8, 32, 32, 32), (3, 3, 32, 32))  # 8192 pixels, 151 MFLOP
   assert conv.uses_patches((8, 32, 32, 32), k.shape)
   assert "platform_index" in _grad_primitives(x, k)
+
+
+# -------------------------------------------------------------- CPU compiler options
+
+
+def _conv_and_grads(x, k):
+  return jax.value_and_grad(
+      functools.partial(_loss, lax.conv_general_dilated, strides=(1, 1), padding="SAME"),
+      argnums=(0, 1))(x, k)
+
+
+def test_cpu_compiler_options_move_convolutions_out_of_the_library():
+  # jaxlib 0.10's XLA:CPU gives convolutions with 32 channels to YNNPACK by default; with
+  # the options XLA's own kernels run them, and the library keeps the reductions.
+  options = conv.cpu_compiler_options()
+  assert options == conv.CPU_COMPILER_OPTIONS
+  x, k = _random((4, 8, 8, 32), (3, 3, 32, 32))
+  default = jax.jit(_conv_and_grads).lower(x, k).compile()
+  ours = jax.jit(_conv_and_grads, compiler_options=options).lower(x, k).compile()
+  assert "convolution" in library_ops(default.as_text())
+  assert "convolution" not in library_ops(ours.as_text())
+  assert "reduce" in library_ops(ours.as_text())
+  (v1, g1), (v2, g2) = default(x, k), ours(x, k)
+  np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)
+  # Sums of 2,048 terms of size ~1 in another order: gradients up to ~40 agree to ~2e-4.
+  chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-3)
+  assert np.abs(np.asarray(g2[1])).max() > 1
+
+
+def test_cpu_compiler_options_yield_to_xla_flags_and_to_old_jaxlibs(monkeypatch):
+  options = conv.cpu_compiler_options()
+  options.clear()  # A copy: the module's options are untouched.
+  assert conv.cpu_compiler_options() == conv.CPU_COMPILER_OPTIONS
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert conv.cpu_compiler_options() == {}
+  monkeypatch.delenv("XLA_FLAGS")
+  # A jaxlib that rejects the values (here: one that does not exist) gets no options.
+  monkeypatch.setattr(conv, "CPU_COMPILER_OPTIONS",
+                      {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NONE"})
+  conv._cpu_options_accepted.cache_clear()
+  try:
+    assert conv.cpu_compiler_options() == {}
+  finally:
+    conv._cpu_options_accepted.cache_clear()

@@ -30,7 +30,9 @@ JSON (``--out``): a list of objects, each with ``kind``:
   "environment" (first): jax_version, jaxlib_version, flax_version, backend, device_kind,
     device_count, cpu_count, cpu_model, torch_version (or null), torch_threads,
     omp_wait_policy (PASSIVE unless set), command,
-    batch, size, dtype, repeats, warmup.
+    batch, size, dtype, repeats, warmup, compiler_options (what every step was compiled
+    with: on CPU ``attention_flax.conv.cpu_compiler_options()``, as ``python -m train``;
+    ``{}`` with ``--xla_defaults`` or on other backends).
   "model": model, batch, image_shape, dtype, num_classes, params, step_time_median_s,
     step_time_min_s, step_time_max_s, images_per_second, compile_time_s (lower + compile),
     peak_memory_bytes, peak_memory_source ("device_peak_bytes_in_use", or
@@ -139,7 +141,8 @@ def sgd_config(model: str, batch: int, dtype: str) -> Any:
 class OurStep:
   """One model's compiled train step with its state and a fixed random batch."""
 
-  def __init__(self, name: str, batch: int, size: int | None, dtype: str, seed: int = 0):
+  def __init__(self, name: str, batch: int, size: int | None, dtype: str, seed: int = 0,
+               compiler_options: dict[str, Any] | None = None):
     from attention_flax import models
     from train import trainer
     entry = models.model_info(name)  # The registry's ValueError for unknown names.
@@ -159,7 +162,7 @@ class OurStep:
                        "label": rs.randint(0, self.num_classes, batch).astype(np.int32)}
     self.batch_arrays = trainer.shard_batch(self.host_batch, mesh)
     self.rng = jax.random.PRNGKey(seed + 1)
-    train_fn, _ = trainer.compile_steps(mesh)
+    train_fn, _ = trainer.compile_steps(mesh, compiler_options)
     start = time.perf_counter()
     self.compiled = train_fn.lower(self.state, self.batch_arrays, self.rng).compile()
     self.compile_time = time.perf_counter() - start
@@ -187,7 +190,8 @@ def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
 
 
 def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: str,
-                 warmup: int, repeats: int, against: str | None = None) -> list[dict[str, Any]]:
+                 warmup: int, repeats: int, against: str | None = None,
+                 compiler_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """One "model" row per name (backbones added); see the module docstring."""
   names = list(dict.fromkeys(names))
   for name in list(names):
@@ -196,7 +200,7 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
       names.insert(names.index(name), base)
   ours, rows = [], []
   for name in names:
-    step = OurStep(name, batch, size, dtype)
+    step = OurStep(name, batch, size, dtype, compiler_options=compiler_options)
     # The process's peak after this model's compile and first step (cumulative over models).
     step.step()
     step.peak = _peak_memory()
@@ -239,7 +243,8 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
 
 
 class _OurSampler:
-  def __init__(self, shape: tuple[int, int, int, int], seed: int = 0):
+  def __init__(self, shape: tuple[int, int, int, int], seed: int = 0,
+               compiler_options: dict[str, Any] | None = None):
     from attention_flax.layers.transformer import affine_grid, grid_sample
     rs = np.random.RandomState(seed)
     n = shape[0]
@@ -257,7 +262,7 @@ class _OurSampler:
 
     args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
     start = time.perf_counter()
-    fn = jax.jit(forward_backward)
+    fn = jax.jit(forward_backward, compiler_options=compiler_options or None)
     self.compiled = fn.lower(*args).compile()
     self.compile_time = time.perf_counter() - start
     self.args, self.times = args, []
@@ -269,11 +274,12 @@ class _OurSampler:
 
 
 def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, repeats: int,
-                  against: str | None = None) -> list[dict[str, Any]]:
+                  against: str | None = None,
+                  compiler_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
   rows = []
   for shape in shapes:
-    ours = _OurSampler(tuple(shape))
+    ours = _OurSampler(tuple(shape), compiler_options=compiler_options)
     steps = [ours] + ([_TorchSampler(ours)] if against == "torch" else [])
     _interleave(steps, warmup, repeats)
     row = {"kind": "sampler", "model": "grid_sample", "shape": list(shape),
@@ -335,6 +341,16 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
           "ratio_vs_model": ips / model_ips if model_ips else None}
 
 
+def compiler_options(xla_defaults: bool) -> dict[str, Any]:
+  """What every step here compiles with: the trainer's CPU options
+  (``attention_flax.conv.cpu_compiler_options``) on CPU, none with ``--xla_defaults``
+  or on other backends."""
+  from attention_flax import conv
+  if xla_defaults or jax.default_backend() != "cpu":
+    return {}
+  return conv.cpu_compiler_options()
+
+
 def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
   import flax
   import jaxlib
@@ -351,7 +367,7 @@ def environment(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]
           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
           "command": "python -m train.bench " + " ".join(argv), "batch": args.batch,
           "size": args.size, "dtype": args.dtype, "repeats": args.repeats,
-          "warmup": args.warmup}
+          "warmup": args.warmup, "compiler_options": compiler_options(args.xla_defaults)}
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -415,6 +431,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--pipeline_workers", type=int, default=0,
                  help="grain worker processes for --pipeline (data.worker_count)")
   p.add_argument("--sampler", action="store_true")
+  p.add_argument("--xla_defaults", action="store_true",
+                 help="compile with XLA's default options, not the trainer's CPU options")
   p.add_argument("--convs", action="store_true",
                  help="also time single convolutions: XLA's kernel gradient against ours")
   p.add_argument("--conv_shapes", default=";".join(",".join(map(str, s))
@@ -463,18 +481,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
       models.model_info(name)  # Unknown names fail before anything compiles.
     rows: list[dict[str, Any]] = [environment(args, argv)]
+    options = compiler_options(args.xla_defaults)
     model_rows = bench_models(names, batch=args.batch, size=args.size, dtype=args.dtype,
-                              warmup=args.warmup, repeats=args.repeats, against=args.against)
+                              warmup=args.warmup, repeats=args.repeats, against=args.against,
+                              compiler_options=options)
     rows += model_rows
     if args.sampler:
       shapes = [tuple(int(v) for v in s.split(",")) for s in args.sampler_shapes.split(";")]
       if any(len(s) != 4 for s in shapes):
         raise ValueError(f"--sampler_shapes takes N,H,W,C groups; got {args.sampler_shapes!r}.")
       rows += bench_sampler(shapes, warmup=args.warmup, repeats=args.repeats,
-                            against=args.against)
+                            against=args.against, compiler_options=options)
     if args.convs:
       rows += bench_conv.bench_convs(args.conv_shapes, warmup=args.warmup, repeats=args.repeats,
-                                     against=args.against)
+                                     against=args.against, compiler_options=options)
     if args.pipeline:
       # The fastest model is the hardest consumer to keep fed.
       first = max(model_rows, key=lambda r: r["images_per_second"])

@@ -9,7 +9,9 @@ drop-in of ``attention_flax.conv`` that our models use for that shape ("ours"):
 ``banded_conv_general_dilated`` for few-channel stride-1 convolutions such as CBAM's spatial
 gate (``conv.uses_band``), ``conv_general_dilated`` (the patch-matrix kernel gradient on
 CPU) for the rest; with ``--against=torch`` also ``F.conv2d`` forward + ``backward()`` in
-channels_last.
+channels_last. All three compile with the run's compiler options (on CPU
+``attention_flax.conv.cpu_compiler_options()``, as the trainer; ``--xla_defaults`` for
+XLA's own), so "XLA" means XLA's convolution kernels under those options.
 
 Rows (``kind`` "conv"): shape [N, H, W, C_in, C_out, k, stride], route ("banded" or
 "patches"), gflop (one forward, a
@@ -20,6 +22,7 @@ throughput_ratio_vs_torch (torch_step_s / ours_step_s: > 1 means we are faster).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Sequence
@@ -57,7 +60,9 @@ def _pads(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
 class _Conv:
   """The three jitted functions of one shape, and their times."""
 
-  def __init__(self, shape: Sequence[int], seed: int = 0):
+  def __init__(self, shape: Sequence[int], seed: int = 0,
+               compiler_options: dict[str, Any] | None = None):
+    jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
     n, h, cin, cout, k, s = shape
     rs = np.random.RandomState(seed)
     x = jnp.asarray(rs.standard_normal((n, h, h, cin)).astype(np.float32))
@@ -70,12 +75,12 @@ class _Conv:
       def both(x, w, g):
         y, vjp = jax.vjp(forward(fn), x, w)
         return vjp(g)
-      return jax.jit(both)
+      return jit(both)
 
     banded = s == 1 and conv.uses_band(x.shape, w.shape)
     self.route = "banded" if banded else "patches"
     ours = conv.banded_conv_general_dilated if banded else conv.conv_general_dilated
-    self.fns = {"forward": (jax.jit(forward(lax.conv_general_dilated)), (x, w)),
+    self.fns = {"forward": (jit(forward(lax.conv_general_dilated)), (x, w)),
                 "lax": (step(lax.conv_general_dilated), (x, w, g)),
                 "ours": (step(ours), (x, w, g))}
     for fn, args in self.fns.values():
@@ -117,11 +122,12 @@ class _TorchConv:
 
 
 def bench_convs(shapes: Sequence[Sequence[int]], *, warmup: int, repeats: int,
-                against: str | None = None) -> list[dict[str, Any]]:
+                against: str | None = None,
+                compiler_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """One "conv" row per (N, H, C_in, C_out, k, stride) shape (module docstring)."""
   rows = []
   for shape in shapes:
-    ours = _Conv(shape)
+    ours = _Conv(shape, compiler_options=compiler_options)
     theirs = _TorchConv(ours) if against == "torch" else None
     for r in range(warmup + repeats):
       ours.run(r >= warmup)

@@ -30,6 +30,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from attention_flax import conv
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
@@ -291,12 +292,24 @@ def make_mesh(devices: Any = None) -> Mesh:
   return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
-def compile_steps(mesh: Mesh) -> tuple[Callable, Callable]:
-  """``train_step`` and ``eval_step`` jitted for the mesh: batch sharded, state replicated."""
+def compile_steps(mesh: Mesh, compiler_options: dict[str, Any] | None = None
+                  ) -> tuple[Callable, Callable]:
+  """``train_step`` and ``eval_step`` jitted for the mesh: batch sharded, state replicated.
+
+  ``compiler_options`` go to ``jax.jit``; by default ``conv.cpu_compiler_options()`` on a
+  CPU mesh (XLA's own convolution kernels, see ``attention_flax.conv``) and none
+  elsewhere; pass ``{}`` for XLA's defaults.
+  """
+  if compiler_options is None:
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    compiler_options = conv.cpu_compiler_options() if on_cpu else {}
+  options = dict(compiler_options) or None
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   train_fn = jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=(0,))
-  eval_fn = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+                     out_shardings=(replicated, replicated), donate_argnums=(0,),
+                     compiler_options=options)
+  eval_fn = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated,
+                    compiler_options=options)
   return train_fn, eval_fn
 
 

@@ -62,6 +62,14 @@ def test_json_rows_and_fields(tiny_run):
   assert se["params"] > base["params"]
 
 
+def test_environment_names_the_compiler_options(tiny_run):
+  # On CPU every step compiles with the trainer's options; --xla_defaults drops them.
+  from attention_flax import conv
+  _, rows = tiny_run
+  assert rows[0]["compiler_options"] == conv.cpu_compiler_options() != {}
+  assert bench.compiler_options(xla_defaults=True) == {}
+
+
 def test_tiny_param_count_by_hand(tiny_run):
   _, rows = tiny_run
   # test_resnet_tiny: classic 7x7 stem to 8 channels, a BasicBlock of 8, a BasicBlock of 16

@@ -389,3 +389,23 @@ def test_two_devices_match_one(tmp_path_factory):
                        if r["split"] == "train"]
   assert [s for s, _, _ in losses[1]] == [1, 2, 3, 4]
   np.testing.assert_allclose(np.array(losses[2]), np.array(losses[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_steps_compile_with_the_conv_options(monkeypatch):
+  # compile_steps hands attention_flax.conv's CPU options to jax.jit (here a value XLA
+  # rejects, to see that they arrive); {} compiles with XLA's defaults.
+  config = tiny_config()
+  model = trainer.build_model(config, 10)
+  state = trainer.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+  batch = {"image": np.zeros((16, 8, 8, 1), np.float32), "label": np.zeros(16, np.int32)}
+  mesh = trainer.make_mesh()
+  bogus = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NONE"}
+  monkeypatch.setattr(trainer.conv, "cpu_compiler_options", lambda: dict(bogus))
+  train_fn, eval_fn = trainer.compile_steps(mesh)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="ynn_fusion_type"):
+    train_fn.lower(state, batch, jax.random.PRNGKey(1)).compile()
+  with pytest.raises(jax.errors.JaxRuntimeError, match="ynn_fusion_type"):
+    eval_fn.lower(state, batch).compile()
+  train_fn, _ = trainer.compile_steps(mesh, {})
+  _, metrics = train_fn(state, batch, jax.random.PRNGKey(1))
+  assert np.isfinite(float(metrics["loss"]))

@@ -190,8 +190,8 @@ def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
 
 
 def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: str,
-                 warmup: int, repeats: int, against: str | None = None,
-                 compiler_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                 warmup: int, repeats: int, against: str | None,
+                 compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
   """One "model" row per name (backbones added); see the module docstring."""
   names = list(dict.fromkeys(names))
   for name in list(names):
@@ -274,8 +274,8 @@ class _OurSampler:
 
 
 def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, repeats: int,
-                  against: str | None = None,
-                  compiler_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  against: str | None,
+                  compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
   """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
   rows = []
   for shape in shapes:

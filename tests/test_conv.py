@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from unittest import mock
 
 import chex
@@ -174,6 +175,37 @@ def test_large_layers_take_the_patch_route():
   x, k = _random((8, 32, 32, 32), (3, 3, 32, 32))  # 8192 pixels, 151 MFLOP
   assert conv.uses_patches((8, 32, 32, 32), k.shape)
   assert "platform_index" in _grad_primitives(x, k)
+
+
+def test_kernel_grad_1x1_against_a_hand_sum():
+  x, _ = _random((2, 5, 4, 3), (1,))
+  g = jax.random.normal(jax.random.key(4), (2, 3, 2, 6))
+  got = np.asarray(conv.kernel_grad_1x1(x, g, (2, 2)))
+  want = np.einsum("npqc,npqo->co", np.asarray(x)[:, ::2, ::2, :], np.asarray(g))
+  assert got.shape == (1, 1, 3, 6)
+  np.testing.assert_allclose(got[0, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def _opcodes(fn, *args):
+  return set(re.findall(r"= \S+ ([\w-]+)\(", jax.jit(fn).lower(*args).compile().as_text()))
+
+
+def test_1x1_kernel_gradient_is_one_product_at_any_size():
+  # Even below the patch route's thresholds: XLA's own gradient transposes the input to
+  # (C, H, W, N) for a convolution; the product reads it as it is.
+  x, k = _random((2, 8, 8, 4), (1, 1, 4, 6))
+  assert not conv.uses_patches((2, 4, 4, 6), k.shape)
+
+  def kernel_grad(conv_fn):
+    return jax.grad(functools.partial(_loss, conv_fn, strides=(2, 2), padding="VALID"),
+                    argnums=1)
+
+  ours, theirs = (_opcodes(kernel_grad(f), x, k)
+                  for f in (conv.conv_general_dilated, lax.conv_general_dilated))
+  assert "dot" in ours and "transpose" not in ours
+  assert "transpose" in theirs  # the route it replaces, so that this can fail
+  np.testing.assert_allclose(jax.jit(kernel_grad(conv.conv_general_dilated))(x, k),
+                             kernel_grad(lax.conv_general_dilated)(x, k), rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------- CPU compiler options

@@ -7,16 +7,17 @@ interleaved round by round: the forward alone, forward + input and kernel gradie
 through ``lax.conv_general_dilated`` (XLA's own kernel gradient), and the same through the
 drop-in of ``attention_flax.conv`` that our models use for that shape ("ours"):
 ``banded_conv_general_dilated`` for few-channel stride-1 convolutions such as CBAM's spatial
-gate (``conv.uses_band``), ``conv_general_dilated`` (the patch-matrix kernel gradient on
-CPU) for the rest; with ``--against=torch`` also ``F.conv2d`` forward + ``backward()`` in
+gate (``conv.uses_band``), ``conv_general_dilated`` for the rest (on CPU its kernel
+gradient is one matrix product for 1 x 1 layers and a sum of patch-matrix products for
+large ones); with ``--against=torch`` also ``F.conv2d`` forward + ``backward()`` in
 channels_last. All three compile with the run's compiler options (on CPU
 ``attention_flax.conv.cpu_compiler_options()``, as the trainer; ``--xla_defaults`` for
 XLA's own), so "XLA" means XLA's convolution kernels under those options.
 
-Rows (``kind`` "conv"): shape [N, H, W, C_in, C_out, k, stride], route ("banded" or
-"patches"), gflop (one forward, a
-multiply-add counted as 2), forward_s, lax_step_s, ours_step_s (medians, fwd + both grads),
-speedup_vs_lax (lax_step_s / ours_step_s), and with torch torch_step_s and
+Rows (``kind`` "conv"): shape [N, H, W, C_in, C_out, k, stride], route ("banded", or the
+kernel gradient's ``conv.kernel_grad_route``: "1x1", "patches" or "xla"), gflop (one
+forward, a multiply-add counted as 2), forward_s, lax_step_s, ours_step_s (medians, fwd +
+both grads), speedup_vs_lax (lax_step_s / ours_step_s), and with torch torch_step_s and
 throughput_ratio_vs_torch (torch_step_s / ours_step_s: > 1 means we are faster).
 """
 
@@ -78,7 +79,7 @@ class _Conv:
       return jit(both)
 
     banded = s == 1 and conv.uses_band(x.shape, w.shape)
-    self.route = "banded" if banded else "patches"
+    self.route = "banded" if banded else conv.kernel_grad_route(g.shape, w.shape, _pads(k))
     ours = conv.banded_conv_general_dilated if banded else conv.conv_general_dilated
     self.fns = {"forward": (jit(forward(lax.conv_general_dilated)), (x, w)),
                 "lax": (step(lax.conv_general_dilated), (x, w, g)),

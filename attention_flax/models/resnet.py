@@ -34,6 +34,7 @@ from attention_flax.layers import ATTENTIONS, list_attentions
 from attention_flax.layers.common import check_images, get_act
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.models.common import ModelEntry
+from attention_flax.pool import max_pool
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
@@ -70,7 +71,7 @@ def max_pool_3x3_s2(x: Array) -> Array:
 
   Flax pads max-pooling with -inf, so the border never wins the max, as in PyTorch.
   """
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding(3))
+  return max_pool(x, (3, 3), strides=(2, 2), padding=padding(3))
 
 
 def avg_pool_2x2_ceil(x: Array, stride: int = 2) -> Array:

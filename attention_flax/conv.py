@@ -180,6 +180,17 @@ def _conv_bwd(strides, pads, precision, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def window_taps(xp: Array, window: Sequence[int], strides: Sequence[int],
+                out_hw: Sequence[int]) -> list[Array]:
+  """For each window tap (dy, dx) in row-major order, the (N, H_out, W_out, C) strided
+  slice of the (already padded) NHWC ``xp`` that the tap sees in every window."""
+  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+  n, _, _, c = xp.shape
+  return [lax.slice(xp, (0, dy, dx, 0), (n, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1))
+          for dy in range(kh) for dx in range(kw)]
+
+
 def kernel_grad_1x1(x: Array, g: Array, strides: Sequence[int],
                     precision: Any = None) -> Array:
   """dL/dK of an unpadded 1 x 1 NHWC convolution: one matrix product over every pixel.
@@ -188,11 +199,9 @@ def kernel_grad_1x1(x: Array, g: Array, strides: Sequence[int],
   x (N, H, W, C_in), g (N, H_out, W_out, C_out); accumulated in float32, returned in x's
   dtype as (1, 1, C_in, C_out).
   """
-  sh, sw = strides
-  n, ho, wo, cout = g.shape
+  _, ho, wo, cout = g.shape
   cin = x.shape[3]
-  taken = lax.slice(x, (0, 0, 0, 0), (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, cin),
-                    (1, sh, sw, 1))
+  (taken,) = window_taps(x, (1, 1), strides, (ho, wo))
   # (C_out, pixels) x (pixels, C_in), as the patch route multiplies.
   dk = lax.dot_general(g.reshape(-1, cout), taken.reshape(-1, cin), (((0,), (0,)), ((), ())),
                        precision=precision, preferred_element_type=jnp.float32)
@@ -227,7 +236,6 @@ def kernel_grad_by_patches(x: Array, g: Array, kernel_shape: Sequence[int],
   """
   kh, kw, cin, cout = kernel_shape
   n, ho, wo, _ = g.shape
-  sh, sw = strides
   (top, bottom), (left, right) = pads
   # Negative padding crops, as lax's convolution does.
   xp = lax.pad(x, jnp.zeros((), x.dtype),
@@ -238,10 +246,7 @@ def kernel_grad_by_patches(x: Array, g: Array, kernel_shape: Sequence[int],
 
   def step(acc, chunk):
     xc, gc = chunk
-    taps = [lax.slice(xc, (0, i, j, 0),
-                      (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                      (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
+    taps = window_taps(xc, (kh, kw), strides, (ho, wo))
     patches = jnp.concatenate(taps, axis=-1).reshape(b * ho * wo, kh * kw * cin)
     # (C_out, rows) x (rows, taps): the orientation XLA:CPU multiplies fastest here.
     return acc + lax.dot_general(gc, patches, (((0,), (0,)), ((), ())),

@@ -32,12 +32,14 @@ comparisons that NaN fails, and do not agree with each other there).
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
+
+from attention_flax.conv import window_taps
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -83,8 +85,8 @@ def _max_pool_jvp(window, strides, pads, primals, tangents):
   out_hw = y.shape[1:3]
   taken = jnp.zeros(y.shape, bool)
   y_dot = jnp.zeros(y.shape, x_dot.dtype)
-  for tap, tap_dot in zip(_window_taps(x, window, strides, pads, out_hw, -jnp.inf),
-                          _window_taps(x_dot, window, strides, pads, out_hw, 0)):
+  for tap, tap_dot in zip(_padded_taps(x, window, strides, pads, out_hw, -jnp.inf),
+                          _padded_taps(x_dot, window, strides, pads, out_hw, 0)):
     # The first tap equal to the max wins; NaN equals nothing, so a NaN max takes the
     # window's first NaN.
     wins = ((tap == y) | (tap != tap)) & ~taken
@@ -93,14 +95,8 @@ def _max_pool_jvp(window, strides, pads, primals, tangents):
   return y, y_dot
 
 
-def _window_taps(x: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads,
-                 out_hw: tuple[int, int], fill: float) -> Iterator[Array]:
-  """For each window tap (dy, dx) in row-major order, the (N, H_out, W_out, C) array of
-  the padded x under that tap in every window."""
-  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+def _padded_taps(x: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                 out_hw: tuple[int, int], fill: float) -> list[Array]:
+  """x padded with ``fill``, under each window tap (:func:`attention_flax.conv.window_taps`)."""
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=fill)
-  n, _, _, c = xp.shape
-  for dy in range(kh):
-    for dx in range(kw):
-      yield lax.slice(xp, (0, dy, dx, 0), (n, dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1, c),
-                      (1, sh, sw, 1))
+  return window_taps(xp, window, strides, out_hw)

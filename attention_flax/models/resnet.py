@@ -30,6 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from attention_flax.conv import conv_general_dilated
+from attention_flax.fusion import materialize
 from attention_flax.layers import ATTENTIONS, list_attentions
 from attention_flax.layers.common import check_images, get_act
 from attention_flax.layers.norm import TorchBatchNorm
@@ -251,7 +252,8 @@ class Bottleneck(ResidualBlock):
     y = act(batch_norm(norm, y, "bn2"))
     y = conv(self.features * self.expansion, (1, 1), padding=padding(1), name="conv3")(y)
     y = batch_norm(norm, y, "bn3", scale_init=last_scale)
-    return self._attend_and_add(x, y, conv, norm, train)
+    # Computed once on CPU, not again inside each later block's fusions (fusion.py).
+    return materialize(self._attend_and_add(x, y, conv, norm, train))
 
 
 class ResNet(nn.Module):

@@ -1,0 +1,101 @@
+"""attention_flax.fusion.materialize: the identity, which XLA:CPU computes once instead of
+copying it into every consumer (so residual chains are not recomputed block after block)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from attention_flax import conv
+from attention_flax.fusion import materialize
+from attention_flax.models import resnet
+
+SPECIALS = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 6.0e4, -3.0e-3]
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("first", [1.0, -1.0, np.nan, -np.inf, -0.0])
+def test_values_are_bit_identical(dtype, first):
+  # Each element is divided by a 1 made from its own sign bit: every bit stays.
+  x = jnp.asarray([[first] + SPECIALS[1:4], SPECIALS[4:8]], dtype)
+  y = jax.jit(materialize)(x)
+  assert y.dtype == x.dtype and y.shape == x.shape
+  np.testing.assert_array_equal(_bits(y), _bits(x))
+
+
+def test_derivatives_are_the_identity():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5))
+  w = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(materialize(v) * w)))(x)
+  np.testing.assert_array_equal(grad, w)
+  _, tangent = jax.jvp(materialize, (x,), (w,))
+  np.testing.assert_array_equal(tangent, w)
+  batched = jax.vmap(materialize)(x)
+  np.testing.assert_array_equal(batched, x)
+
+
+def test_rejects_integers_and_passes_empty_arrays():
+  with pytest.raises(TypeError, match="floating-point"):
+    materialize(jnp.arange(4))
+  empty = jnp.zeros((0, 3), jnp.float32)
+  assert materialize(empty).shape == (0, 3)
+
+
+def _widest_fusion(fn, *args):
+  """The most operands of any fusion in fn's compiled CPU program."""
+  compiled = jax.jit(fn, compiler_options=conv.cpu_compiler_options()).lower(*args).compile()
+  text = compiled.as_text()
+  entry = text[text.index("ENTRY"):]
+  return max(m.group(1).count("%") for m in re.finditer(r" fusion\(([^)]*)\)", entry))
+
+
+def _residual_chain(fence):
+  def loss(kernels, x):
+    y = x
+    for k in kernels:
+      h = lax.conv_general_dilated(y, k, (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = fence(jnp.maximum(h * 1.1 + 0.2 + y, 0.0))
+    return jnp.sum(y * y)
+  return jax.grad(loss)
+
+
+def test_residual_chain_is_not_recomputed_on_cpu():
+  # Six blocks of relu(conv(y) * a + b + y): without the fence each block's fusion
+  # re-derives the blocks before it (its operand count grows along the chain).
+  keys = jax.random.split(jax.random.PRNGKey(0), 7)
+  kernels = [0.1 * jax.random.normal(k, (1, 1, 32, 32)) for k in keys[:6]]
+  x = jax.random.normal(keys[6], (4, 6, 6, 32))
+  plain = _widest_fusion(_residual_chain(lambda v: v), kernels, x)
+  fenced = _widest_fusion(_residual_chain(materialize), kernels, x)
+  assert plain >= 7, plain
+  assert fenced <= 5, (fenced, plain)
+  np.testing.assert_allclose(jax.jit(_residual_chain(materialize))(kernels, x),
+                             jax.jit(_residual_chain(lambda v: v))(kernels, x), rtol=1e-6)
+
+
+def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
+  model = resnet.ResNet(stage_sizes=(4,), block=resnet.Bottleneck, widths=(8,),
+                        num_classes=3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.sum(logits ** 2)
+
+  fenced = _widest_fusion(jax.grad(loss), variables["params"])
+  monkeypatch.setattr(resnet, "materialize", lambda v: v)
+  plain = _widest_fusion(jax.grad(loss), variables["params"])
+  assert fenced < plain, (fenced, plain)

@@ -15,7 +15,7 @@ from attention_flax import conv
 from attention_flax.fusion import materialize
 from attention_flax.models import resnet
 
-SPECIALS = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 6.0e4, -3.0e-3]
+SPECIALS = [[0.0, -0.0, 1.5, -2.25, 1.0], [np.inf, -np.inf, np.nan, 6.0e4, -3.0e-3]]
 
 
 def _bits(x):
@@ -24,10 +24,9 @@ def _bits(x):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("first", [1.0, -1.0, np.nan, -np.inf, -0.0])
-def test_values_are_bit_identical(dtype, first):
+def test_values_are_bit_identical(dtype):
   # Each element is divided by a 1 made from its own sign bit: every bit stays.
-  x = jnp.asarray([[first] + SPECIALS[1:4], SPECIALS[4:8]], dtype)
+  x = jnp.asarray(SPECIALS, dtype)
   y = jax.jit(materialize)(x)
   assert y.dtype == x.dtype and y.shape == x.shape
   np.testing.assert_array_equal(_bits(y), _bits(x))

@@ -29,8 +29,8 @@ chosen at lowering time by ``lax.platform_dependent``; other backends get x unto
 The bottleneck blocks of ``attention_flax.models.resnet`` materialize their outputs: on a
 2-core AMD EPYC (AVX2) machine the training steps of ResNet-50 and SE-ResNet-50 at 112 x
 112 were 1.01-1.08x faster, CBAM-ResNet-50's within the noise (``docs/benchmarks.md``).
-The CIFAR ResNets' basic blocks (ResNet-20 and -56 tried) and the Residual Attention
-Network's units measured the same with and without it, and are left alone.
+Basic blocks (ResNet-20, -56 and -34 tried) and the Residual Attention Network's units
+measured the same with and without it, and are left alone.
 """
 
 from __future__ import annotations

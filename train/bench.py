@@ -16,7 +16,9 @@ within one run.
 Attention models are compared with their plain backbone, added to the run when not
 listed: seresnet50 / cbam_resnet50 / gcresnet50 / sa_resnet50 -> resnet50, ecaresnet50d ->
 resnet50d, {se,cbam,eca}_resnetNN -> resnetNN, test_resnet_tiny_X -> test_resnet_tiny.
-Residual Attention Networks have no plain twin (overhead null).
+Residual Attention Networks have no plain twin (overhead null). ``--unfolded`` adds, after
+each SE / ECA ResNet, the same model with ``fold_gate=False`` (the gate applied after the
+block's last batch norm instead of folded into it), compared with the same backbone.
 
 PyTorch (``--against=torch``): timm's model of the same name where timm has one (resnet50,
 resnet50d, seresnet50, ecaresnet50d, ...); cbam_resnetNN / gcresnet50 are timm's ResNet
@@ -33,7 +35,8 @@ JSON (``--out``): a list of objects, each with ``kind``:
     batch, size, dtype, repeats, warmup, compiler_options (what every step was compiled
     with: on CPU ``attention_flax.conv.cpu_compiler_options()``, as ``python -m train``;
     ``{}`` with ``--xla_defaults`` or on other backends).
-  "model": model, batch, image_shape, dtype, num_classes, params, step_time_median_s,
+  "model": model, model_kwargs (``{}``, or ``{"fold_gate": false}`` for the extra rows of
+    ``--unfolded``), batch, image_shape, dtype, num_classes, params, step_time_median_s,
     step_time_min_s, step_time_max_s, images_per_second, compile_time_s (lower + compile),
     peak_memory_bytes, peak_memory_source ("device_peak_bytes_in_use", or
     "process_peak_rss", the whole process's peak so far, cumulative over models),
@@ -48,9 +51,11 @@ JSON (``--out``): a list of objects, each with ``kind``:
     backward (the samples, and the gradients for image and grid from a fixed random output
     gradient), compile_time_s, and with torch the same
     torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
-  "pipeline": data, batch, image_shape, workers (``--pipeline_workers``), images_per_second
-    of ``train.data.train_dataset`` as the trainer reads it (uint8 sources stay uint8 for
-    the device to normalise), image_dtype (of its batches), model, model_images_per_second
+  "pipeline": data, batch, image_shape, workers (``--pipeline_workers``), warmup_batches
+    (read before timing: 2 plus what the workers' buffers and the prefetch can hold, so
+    that the timed batches are made while timed), batches (``--pipeline_batches``),
+    images_per_second of ``train.data.train_dataset`` as the trainer reads it (uint8
+    sources stay uint8 for the device to normalise), image_dtype (of its batches), model, model_images_per_second
     (the fastest model's), ratio_vs_model (pipeline / model: >= 1 means it keeps up).
 """
 
@@ -142,15 +147,19 @@ class OurStep:
   """One model's compiled train step with its state and a fixed random batch."""
 
   def __init__(self, name: str, batch: int, size: int | None, dtype: str, seed: int = 0,
-               compiler_options: dict[str, Any] | None = None):
+               compiler_options: dict[str, Any] | None = None,
+               model_kwargs: dict[str, Any] | None = None):
     from attention_flax import models
     from train import trainer
     entry = models.model_info(name)  # The registry's ValueError for unknown names.
-    self.name, self.batch = name, batch
+    self.model, self.batch = name, batch
+    self.model_kwargs = dict(model_kwargs or {})
+    self.name = name + "".join(f":{k}={v}" for k, v in sorted(self.model_kwargs.items()))
     self.size = size or entry.input_size
     self.num_classes = 10 if entry.input_size <= 64 else 1000
     self.shape = (self.size, self.size, entry.in_channels)
     config = sgd_config(name, batch, dtype)
+    config.model_kwargs.update(self.model_kwargs)
     trainer.validate_config(config)
     mesh = trainer.make_mesh()
     model = trainer.build_model(config, self.num_classes)
@@ -175,6 +184,21 @@ class OurStep:
     return time.perf_counter() - start
 
 
+def folds_gate(name: str) -> bool:
+  """Whether the registered model ``name`` is a ResNet whose blocks fold a mean-pooled
+  channel gate into their last batch norm (``fold_gate``: SE, Effective SE, ECA)."""
+  from attention_flax import models
+  from attention_flax.layers import ATTENTIONS
+  model = models.create_model(name, num_classes=10)
+  if not hasattr(model, "fold_gate"):
+    return False
+  attn = getattr(model, "attn", None)
+  if isinstance(attn, str):
+    attn = ATTENTIONS.get(attn.lower())
+  attn = getattr(attn, "func", attn)  # a functools.partial of a layer class
+  return bool(getattr(attn, "gates_from_mean", False))
+
+
 def _progress(message: str) -> None:
   """A line on stderr as each model is ready: long runs show where they are."""
   print(f"train.bench: {message}", file=sys.stderr, flush=True)
@@ -191,25 +215,34 @@ def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
 
 def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: str,
                  warmup: int, repeats: int, against: str | None,
-                 compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
+                 compiler_options: dict[str, Any],
+                 unfolded: bool = False) -> list[dict[str, Any]]:
   """One "model" row per name (backbones added); see the module docstring."""
   names = list(dict.fromkeys(names))
   for name in list(names):
     base = backbone_of(name)
     if base and base not in names:
       names.insert(names.index(name), base)
-  ours, rows = [], []
+  variants = []
   for name in names:
-    step = OurStep(name, batch, size, dtype, compiler_options=compiler_options)
+    variants.append((name, {}))
+    if unfolded and folds_gate(name):
+      variants.append((name, {"fold_gate": False}))
+  ours, rows = [], []
+  for name, kwargs in variants:
+    step = OurStep(name, batch, size, dtype, compiler_options=compiler_options,
+                   model_kwargs=kwargs)
     # The process's peak after this model's compile and first step (cumulative over models).
     step.step()
     step.peak = _peak_memory()
     ours.append(step)
-    _progress(f"{name}: compiled in {step.compile_time:.1f} s")
+    _progress(f"{step.name}: compiled in {step.compile_time:.1f} s")
   twins: dict[str, Any] = {}
   notes: dict[str, str] = {}
   if against == "torch":
     for step in ours:
+      if step.model_kwargs:
+        continue  # the same PyTorch model as the default variant's
       try:
         twins[step.name] = TorchStep(step, dtype)
         _progress(f"{step.name}: torch first step {twins[step.name].first_step:.1f} s")
@@ -218,8 +251,9 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
   _interleave([*ours, *twins.values()], warmup, repeats)
   medians = {s.name: statistics.median(s.times) for s in ours}
   for s in ours:
-    base = backbone_of(s.name)
-    row = {"kind": "model", "model": s.name, "batch": batch, "image_shape": list(s.shape),
+    base = backbone_of(s.model)
+    row = {"kind": "model", "model": s.model, "model_kwargs": s.model_kwargs, "batch": batch,
+           "image_shape": list(s.shape),
            "dtype": dtype, "num_classes": s.num_classes, "params": s.params,
            **_summary(s.times), "images_per_second": batch / medians[s.name],
            "compile_time_s": s.compile_time, "peak_memory_bytes": s.peak[0],
@@ -321,11 +355,18 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
   if data == "cifar10_mock":
     import tensorflow_datasets as tfds
     mock = tfds.testing.mock_data(num_examples=max(4 * batch, 256))
+  spec = data_lib.parse_data_config(config)
+  # Batches that can be made ahead of the reader (one per worker process, as grain's
+  # default per-worker buffer, and the prefetch): read before the clock starts, so that a
+  # run of few batches is not timed out of full buffers.
+  import grain
+  ahead = (workers * grain.MultiprocessingOptions().per_worker_buffer_size
+           + spec.prefetch_batches)
   with mock:
-    keep_uint8 = data_lib.parse_data_config(config).normalize_on_device
-    it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0, keep_uint8=keep_uint8))
+    it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0,
+                                     keep_uint8=spec.normalize_on_device))
     dtype = next(it)["image"].dtype
-    for _ in range(warmup):
+    for _ in range(warmup + ahead):
       next(it)
     start = time.perf_counter()
     for _ in range(batches):
@@ -335,7 +376,8 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
   ips = batch * batches / elapsed
   model_ips = model_row["images_per_second"] if model_row else None
   return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
-          "workers": workers, "images_per_second": ips, "image_dtype": str(dtype),
+          "workers": workers, "warmup_batches": warmup + ahead, "batches": batches,
+          "images_per_second": ips, "image_dtype": str(dtype),
           "model": model_row["model"] if model_row else None,
           "model_images_per_second": model_ips,
           "ratio_vs_model": ips / model_ips if model_ips else None}
@@ -386,8 +428,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     if r["kind"] != "model":
       continue
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+    label = r["model"] + "".join(f" ({k}={v})" for k, v in
+                                 sorted((r.get("model_kwargs") or {}).items()))
     out.append(
-        f"| {r['model']} | {r['batch']} | {'x'.join(map(str, r['image_shape']))} "
+        f"| {label} | {r['batch']} | {'x'.join(map(str, r['image_shape']))} "
         f"| {r['step_time_median_s']:.4f} ({r['step_time_min_s']:.4f}-"
         f"{r['step_time_max_s']:.4f}) | {r['images_per_second']:.1f} "
         f"| {r['compile_time_s']:.1f} | {_fmt(mib(r['peak_memory_bytes']), '.0f')} "
@@ -431,6 +475,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--pipeline_workers", type=int, default=0,
                  help="grain worker processes for --pipeline (data.worker_count)")
   p.add_argument("--sampler", action="store_true")
+  p.add_argument("--unfolded", action="store_true",
+                 help="also run each SE/ECA ResNet with fold_gate=False (gate applied after "
+                      "the last batch norm, not folded into it)")
   p.add_argument("--xla_defaults", action="store_true",
                  help="compile with XLA's default options, not the trainer's CPU options")
   p.add_argument("--convs", action="store_true",
@@ -484,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = compiler_options(args.xla_defaults)
     model_rows = bench_models(names, batch=args.batch, size=args.size, dtype=args.dtype,
                               warmup=args.warmup, repeats=args.repeats, against=args.against,
-                              compiler_options=options)
+                              compiler_options=options, unfolded=args.unfolded)
     rows += model_rows
     if args.sampler:
       shapes = [tuple(int(v) for v in s.split(",")) for s in args.sampler_shapes.split(";")]

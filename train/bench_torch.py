@@ -100,7 +100,7 @@ class TorchStep:
   def __init__(self, ours: OurStep, dtype: str):
     import torch
     self.torch = torch
-    module, self.description = torch_model(ours.name, ours.num_classes, ours.shape[-1])
+    module, self.description = torch_model(ours.model, ours.num_classes, ours.shape[-1])
     self.device = torch_device()
     self.model = module.to(self.device).to(memory_format=torch.channels_last).train()
     self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,

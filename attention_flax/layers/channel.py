@@ -20,7 +20,7 @@ input's dtype and shape.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,29 @@ from flax import linen as nn
 from attention_flax.layers.common import check_images, get_act, reduced_width
 
 Array = jax.Array
+
+
+def squeeze(x: Array | None, pooled: Array | None, name: str) -> Array:
+  """The squeeze of a mean-pooled channel gate: ``mean_hw(x)``, (N, C), or ``pooled``.
+
+  ``pooled`` is that mean computed by the caller: a ResNet block takes it from its last
+  batch norm's statistics pass and folds the returned gate into the norm's scale and shift
+  (``TorchBatchNorm(fold=True)``), so the normalised map is neither pooled nor scaled in
+  passes of their own. Such gates say so with ``gates_from_mean = True``. Exactly one of
+  ``x`` and ``pooled`` is given.
+  """
+  if pooled is None:
+    if x is None:
+      raise ValueError(f"{name} needs its input x, or pooled= (the (N, C) spatial mean).")
+    check_images(x, name)
+    return jnp.mean(x, axis=(1, 2))
+  if x is not None:
+    raise ValueError(f"{name} takes x or pooled=, not both: pass x=None with pooled=.")
+  if pooled.ndim != 2:
+    raise ValueError(f"{name} expects pooled of shape (N, C), the spatial mean of an "
+                     f"(N, H, W, C) map; got shape {pooled.shape}. Use "
+                     "jnp.mean(x, axis=(1, 2)).")
+  return pooled
 
 
 class ChannelMlp(nn.Module):
@@ -80,7 +103,11 @@ class SqueezeExcite(nn.Module):
   rd_divisor, rd_channels)``: timm's divisor 8 gives 8 for a 64-channel block; the paper's
   plain ``C // 16`` is ``rd_divisor=1``. Children ``fc1`` (C -> rd) and ``fc2`` (rd -> C),
   both with bias, as timm's ``SEModule``. Sows ``"channel_gate"`` (N, 1, 1, C).
+
+  ``pooled=``: see :func:`squeeze`; then the gate (N, 1, 1, C) is returned, not applied.
   """
+  gates_from_mean: ClassVar[bool] = True
+
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 8
   rd_channels: int | None = None
@@ -90,17 +117,17 @@ class SqueezeExcite(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
-    channels = x.shape[-1]
+  def __call__(self, x: Array | None, train: bool = False, *,
+               pooled: Array | None = None) -> Array:
+    squeezed = squeeze(x, pooled, type(self).__name__)
+    channels = squeezed.shape[-1]
     hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
-    squeezed = jnp.mean(x, axis=(1, 2))
     y = nn.Dense(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(squeezed)
     y = get_act(self.act)(y)
     y = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(y)
     gate = get_act(self.gate)(y)[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return x * gate.astype(x.dtype)
+    return gate if pooled is not None else x * gate.astype(x.dtype)
 
 
 class EffectiveSE(nn.Module):
@@ -108,21 +135,23 @@ class EffectiveSE(nn.Module):
 
   No reduction, so no information is lost in a bottleneck; timm's hard sigmoid is
   ``relu6(x + 3) / 6`` (``jax.nn.hard_sigmoid``). Input and output (N, H, W, C); child ``fc``;
-  sows ``"channel_gate"`` (N, 1, 1, C).
+  sows ``"channel_gate"`` (N, 1, 1, C). ``pooled=``: as :class:`SqueezeExcite`.
   """
+  gates_from_mean: ClassVar[bool] = True
+
   gate: str | Callable = "hard_sigmoid"
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
-    squeezed = jnp.mean(x, axis=(1, 2))
-    y = nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+  def __call__(self, x: Array | None, train: bool = False, *,
+               pooled: Array | None = None) -> Array:
+    squeezed = squeeze(x, pooled, type(self).__name__)
+    y = nn.Dense(squeezed.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
                  name="fc")(squeezed)
     gate = get_act(self.gate)(y)[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return x * gate.astype(x.dtype)
+    return gate if pooled is not None else x * gate.astype(x.dtype)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -145,6 +174,7 @@ class ECA(nn.Module):
   (N, H, W, C). The child ``conv`` is an ``nn.Conv`` over a length-C sequence with one
   feature, kernel shape (k, 1, 1); timm's ``Conv1d`` weight (1, 1, k) maps to
   ``w.reshape(k, 1, 1)`` (both are correlations, no flip). Sows ``"channel_gate"``.
+  ``pooled=``: as :class:`SqueezeExcite`.
 
   Attributes:
     kernel_size: odd kernel size, or None to derive it from C with :func:`eca_kernel_size`.
@@ -156,12 +186,14 @@ class ECA(nn.Module):
   gate: str | Callable = "sigmoid"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  gates_from_mean: ClassVar[bool] = True
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
+  def __call__(self, x: Array | None, train: bool = False, *,
+               pooled: Array | None = None) -> Array:
+    squeezed = squeeze(x, pooled, type(self).__name__)
     if self.kernel_size is None:
-      k = eca_kernel_size(x.shape[-1], self.gamma, self.beta)
+      k = eca_kernel_size(squeezed.shape[-1], self.gamma, self.beta)
     else:
       k = self.kernel_size
       if not isinstance(k, int) or k < 1 or k % 2 == 0:
@@ -171,12 +203,11 @@ class ECA(nn.Module):
             "channel count.")
     pad = (k - 1) // 2
     # (N, C) -> (N, C, 1): the channels become the spatial axis of a 1-D convolution.
-    pooled = jnp.mean(x, axis=(1, 2))[:, :, None]
     y = nn.Conv(1, kernel_size=(k,), padding=[(pad, pad)], use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(pooled)
+                param_dtype=self.param_dtype, name="conv")(squeezed[:, :, None])
     gate = get_act(self.gate)(y[:, :, 0])[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return x * gate.astype(x.dtype)
+    return gate if pooled is not None else x * gate.astype(x.dtype)
 
 
 def _avg_pool_exclude_pad(x: Array, window: int, stride: int, pad: int) -> Array:

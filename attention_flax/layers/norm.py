@@ -61,7 +61,18 @@ class TorchBatchNorm(nn.Module):
   bias_init: Callable[..., Array] = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               fold: bool = False) -> Array | tuple[Array, Array, Array]:
+    """Normalises ``x``; with ``fold=True`` returns ``(mul, add, pooled)`` instead.
+
+    ``mul`` and ``add`` are float32 (C,) with ``norm(x) == x * mul + add`` (the output
+    before its cast to ``dtype``), and ``pooled`` is the float32 (N, C) mean of that
+    output over the axes between the first and the last (H and W of an image). In
+    training the statistics are then summed per sample first, so that ``pooled`` comes
+    out of the same pass over ``x`` as the statistics. A caller that scales the output
+    per sample and channel afterwards, as a channel gate does, applies
+    ``x * (mul * s) + add * s`` without the normalised array ever being written.
+    """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     if x.ndim < 2:
@@ -73,17 +84,28 @@ class TorchBatchNorm(nn.Module):
                       "Cast first, e.g. x.astype(jnp.float32).")
     features = x.shape[-1]
     reduce_axes = tuple(range(x.ndim - 1))
+    # With fold, the per-sample sums come first: (N, ..., C) -> (N, C), then over N.
+    inner_axes = tuple(range(1, x.ndim - 1))
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     x32 = x.astype(jnp.float32)
 
+    sample_mean = None
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
+      if fold:
+        sample_mean = jnp.mean(x32, axis=inner_axes)
     else:
       shift = jax.lax.stop_gradient(ra_mean.value)
       centred = x32 - shift
-      first = jnp.mean(centred, axis=reduce_axes)
-      second = jnp.mean(jnp.square(centred), axis=reduce_axes)
+      if fold:
+        per_sample = jnp.mean(centred, axis=inner_axes)
+        first = jnp.mean(per_sample, axis=0)
+        second = jnp.mean(jnp.mean(jnp.square(centred), axis=inner_axes), axis=0)
+        sample_mean = shift + per_sample
+      else:
+        first = jnp.mean(centred, axis=reduce_axes)
+        second = jnp.mean(jnp.square(centred), axis=reduce_axes)
       mean = shift + first
       var = jnp.maximum(second - jnp.square(first), 0.0)
       if not self.is_initializing():
@@ -104,11 +126,15 @@ class TorchBatchNorm(nn.Module):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
       add = add + bias.astype(jnp.float32)
+    if fold:
+      return mul, add, sample_mean * mul + add
     y = x32 * mul + add
+    return y.astype(self.output_dtype(x.dtype))
+
+  def output_dtype(self, input_dtype: Any) -> Any:
+    """The dtype of the normalised output for an input of ``input_dtype``."""
     if self.dtype is not None:
-      out_dtype = self.dtype
-    else:
-      # The wider of the two, chosen explicitly: strict dtype promotion refuses to mix them.
-      wider = jnp.finfo(x.dtype).bits >= jnp.finfo(self.param_dtype).bits
-      out_dtype = x.dtype if wider else self.param_dtype
-    return y.astype(out_dtype)
+      return self.dtype
+    # The wider of the two, chosen explicitly: strict dtype promotion refuses to mix them.
+    wider = jnp.finfo(input_dtype).bits >= jnp.finfo(self.param_dtype).bits
+    return input_dtype if wider else self.param_dtype

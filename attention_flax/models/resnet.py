@@ -180,6 +180,13 @@ class ResidualBlock(nn.Module):
     attn_kwargs: extra fields for the attention layer.
     zero_init_last: start the last BN scale at 0 so the block starts as its shortcut.
     conv, norm, act: layer factories (``norm`` without ``use_running_average``).
+    fold_gate: when the attention is a gate computed from the channel means (SE,
+      Effective SE, ECA: ``gates_from_mean``) and ``norm`` is :class:`TorchBatchNorm`,
+      take those means from the last batch norm's statistics pass and fold the gate into
+      the norm's per-channel scale and shift (``TorchBatchNorm(fold=True)``): the same
+      values up to rounding, without the normalised map being written, pooled and scaled
+      in passes of their own, forward and backward. False computes the layers one after
+      another.
   """
   expansion: ClassVar[int] = 1
 
@@ -192,6 +199,7 @@ class ResidualBlock(nn.Module):
   conv: ModuleDef = DEFAULT_CONV
   norm: ModuleDef = DEFAULT_NORM
   act: str | Callable[[Array], Array] = "relu"
+  fold_gate: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -204,13 +212,26 @@ class ResidualBlock(nn.Module):
     last_scale = nn.initializers.zeros_init() if self.zero_init_last else nn.initializers.ones
     return conv, norm, get_act(self.act), last_scale
 
-  def _attend_and_add(self, x: Array, y: Array, conv: ModuleDef, norm: ModuleDef,
-                      train: bool) -> Array:
-    """act(ATTN(y) + shortcut(x)); y is the residual branch after its last BN."""
+  def _norm_attend_and_add(self, x: Array, y: Array, conv: ModuleDef, norm: ModuleDef,
+                           train: bool, bn_name: str, scale_init: Callable) -> Array:
+    """act(ATTN(BN(y)) + shortcut(x)); y is the residual branch before its last BN."""
     attention = make_attention(self.attn, self.attn_kwargs, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="se")
-    if attention is not None:
-      y = attention(y, train=train)
+    bn = norm(name=bn_name, scale_init=scale_init)
+    if jnp.finfo(y.dtype).bits < 32:  # as batch_norm(): normalised in float32
+      y = y.astype(jnp.float32)
+    if (self.fold_gate and attention is not None and isinstance(bn, TorchBatchNorm)
+        and getattr(attention, "gates_from_mean", False)):
+      # BN(y) * gate == y * (mul * gate) + add * gate, per sample and channel.
+      out_dtype = bn.output_dtype(y.dtype)
+      mul, add, pooled = bn(y, fold=True)
+      gate = attention(None, train=train, pooled=pooled.astype(out_dtype))
+      gate = gate.astype(jnp.float32)
+      y = (y * (mul * gate) + add * gate).astype(out_dtype)
+    else:
+      y = bn(y)
+      if attention is not None:
+        y = attention(y, train=train)
     out_features = self.features * self.expansion
     return get_act(self.act)(
         y + shortcut(x, out_features, self.strides, self.down, conv, norm))
@@ -230,8 +251,7 @@ class BasicBlock(ResidualBlock):
     y = conv(self.features, (3, 3), strides=self.strides, padding=padding(3), name="conv1")(x)
     y = act(batch_norm(norm, y, "bn1"))
     y = conv(self.features, (3, 3), padding=padding(3), name="conv2")(y)
-    y = batch_norm(norm, y, "bn2", scale_init=last_scale)
-    return self._attend_and_add(x, y, conv, norm, train)
+    return self._norm_attend_and_add(x, y, conv, norm, train, "bn2", last_scale)
 
 
 class Bottleneck(ResidualBlock):
@@ -251,9 +271,8 @@ class Bottleneck(ResidualBlock):
     y = conv(self.features, (3, 3), strides=self.strides, padding=padding(3), name="conv2")(y)
     y = act(batch_norm(norm, y, "bn2"))
     y = conv(self.features * self.expansion, (1, 1), padding=padding(1), name="conv3")(y)
-    y = batch_norm(norm, y, "bn3", scale_init=last_scale)
     # Computed once on CPU, not again inside each later block's fusions (fusion.py).
-    return materialize(self._attend_and_add(x, y, conv, norm, train))
+    return materialize(self._norm_attend_and_add(x, y, conv, norm, train, "bn3", last_scale))
 
 
 class ResNet(nn.Module):
@@ -276,6 +295,8 @@ class ResNet(nn.Module):
     attn, attn_kwargs: attention layer of every block (see :class:`BasicBlock`).
     num_classes: logits of the ``fc`` head.
     zero_init_last: zero-initialise the last BN scale of every block (timm's default).
+    fold_gate: fold a mean-pooled channel gate (SE, ECA) into each block's last batch
+      norm (see :class:`ResidualBlock`); False applies the layers one after another.
     bn_momentum, bn_epsilon: Flax convention (0.9 == PyTorch's momentum 0.1).
     conv, norm, act: layer factories injected into stem and blocks. ``norm`` defaults to
       :class:`TorchBatchNorm` (PyTorch's unbiased running variance, as the attention
@@ -293,6 +314,7 @@ class ResNet(nn.Module):
   attn_kwargs: Mapping[str, Any] | None = None
   num_classes: int = 1000
   zero_init_last: bool = True
+  fold_gate: bool = True
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv: ModuleDef = DEFAULT_CONV
@@ -353,7 +375,8 @@ class ResNet(nn.Module):
             features=width, strides=2 if i > 0 and j == 0 else 1, down=down,
             attn=self.attn, attn_kwargs=self.attn_kwargs,
             zero_init_last=self.zero_init_last, conv=self.conv, norm=block_norm,
-            act=self.act, dtype=self.dtype, param_dtype=self.param_dtype,
+            act=self.act, fold_gate=self.fold_gate, dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name=f"layer{i + 1}_{j}")(x, train=train)
       self.sow("intermediates", f"stage{i + 1}", x)
 

@@ -82,3 +82,30 @@ def test_eval_uses_running_statistics():
   want = ((x - 0.25) / jnp.sqrt(jnp.array([4.0, 0.25]) + 1e-5)
           * variables["params"]["scale"] + variables["params"]["bias"])
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fold_gives_the_affine_and_the_per_sample_mean(train):
+  # fold=True: x * mul + add is the normalised output, pooled its mean over H and W per
+  # sample, and the running statistics move exactly as without fold.
+  x = jax.random.normal(KEY, (3, 4, 5, 6)) * jnp.linspace(0.5, 3.0, 6) + 2.0
+  bn = TorchBatchNorm()
+  variables = _variables(bn, x, 1.5)
+  y, upd = bn.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
+  (mul, add, pooled), upd_fold = bn.apply(variables, x, use_running_average=not train,
+                                          fold=True, mutable=["batch_stats"])
+  assert mul.shape == add.shape == (6,) and pooled.shape == (3, 6)
+  np.testing.assert_allclose(x * mul + add, y, atol=2e-5, rtol=0)
+  x64 = np.asarray(x, np.float64)
+  if train:
+    want = (x64 - x64.mean(axis=(0, 1, 2))) / np.sqrt(x64.var(axis=(0, 1, 2)) + 1e-5)
+  else:
+    want = (x64 - 1.5) / np.sqrt(1.0 + 1e-5)
+  want = want * np.asarray(variables["params"]["scale"]) + np.asarray(variables["params"]["bias"])
+  np.testing.assert_allclose(pooled, want.mean(axis=(1, 2)), atol=1e-5, rtol=0)
+  assert np.abs(want.mean(axis=(1, 2))).max() > 0.05  # per-sample means are not all zero
+  for key in ("mean", "var"):
+    np.testing.assert_allclose(upd_fold["batch_stats"][key], upd["batch_stats"][key],
+                               rtol=1e-6)
+  if train:
+    assert not np.allclose(upd["batch_stats"]["mean"], variables["batch_stats"]["mean"])

@@ -421,3 +421,61 @@ def test_bad_inputs_name_the_fix():
   narrowing = BasicBlock(features=2, down="pad")
   with pytest.raises(ValueError, match="down='conv'"):
     jax.eval_shape(narrowing.init, KEY, jnp.ones((1, 4, 4, 4)))
+
+
+def _block_step(block, x):
+  """Loss, gradients, updated statistics and eval output of one training step of block."""
+  variables = jax.jit(functools.partial(block.init, train=True))(KEY, x)
+
+  def loss(params, x):
+    y, upd = block.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                         train=True, mutable=["batch_stats", "intermediates"])
+    return jnp.sum(jnp.sin(y)), upd
+
+  (value, upd), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      variables["params"], x)
+  evaluated = jax.jit(functools.partial(block.apply, train=False))(
+      {"params": variables["params"], "batch_stats": upd["batch_stats"]}, x)
+  return value, grads, upd["batch_stats"], evaluated, upd["intermediates"]
+
+
+@pytest.mark.parametrize("attn", ["se", "ese", "eca"])
+@pytest.mark.parametrize("block_cls, strides", [(Bottleneck, 2), (BasicBlock, 1)])
+def test_gate_folded_into_the_norm_equals_the_layers_in_turn(attn, block_cls, strides):
+  # fold_gate (the default) computes BN(y) * gate as y * (mul * gate) + add * gate with the
+  # squeeze taken from the norm's statistics pass: same loss, gradients, statistics, eval
+  # output and sown gate as BN, then the gate layer, one after the other.
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 16)) * 1.5 + 0.5
+  runs = [_block_step(block_cls(features=16 // block_cls.expansion * 2, strides=strides,
+                                attn=attn, zero_init_last=False, fold_gate=fold), x)
+          for fold in (True, False)]
+  folded, layered = runs
+  assert float(folded[0]) != 0.0
+  chex.assert_trees_all_close(folded[:4], layered[:4], atol=2e-5, rtol=2e-5)
+  gates = [r[4]["se"]["channel_gate"][0] for r in runs]
+  np.testing.assert_allclose(gates[0], gates[1], atol=1e-6)
+  assert float(jnp.std(gates[0])) > 1e-3
+
+
+def _full_size_ops(fold):
+  """Equations of a Bottleneck training step (forward and backward) whose output has the
+  block output's shape: the passes over the widest tensors."""
+  block = Bottleneck(features=8, attn="se", fold_gate=fold)
+  x = jnp.ones((2, 8, 8, 32))
+  variables = jax.jit(functools.partial(block.init, train=True))(KEY, x)
+
+  def loss(params):
+    y, _ = block.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                       train=True, mutable=["batch_stats"])
+    return jnp.sum(y)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
+  return sum(1 for eqn in jaxpr.eqns for v in eqn.outvars
+             if getattr(v.aval, "shape", None) == (2, 8, 8, 32))
+
+
+def test_folding_the_gate_removes_passes_over_the_block_output():
+  # Forward: no normalised map in float32 and in the compute dtype, no separate scaling;
+  # backward likewise (25 against 30 equations when written).
+  folded, layered = _full_size_ops(True), _full_size_ops(False)
+  assert folded <= layered - 4, (folded, layered)

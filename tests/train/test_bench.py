@@ -108,6 +108,28 @@ def test_unknown_model_is_a_clear_error(capsys):
   assert "Unknown model 'resnet5O'" in err and "list_models()" in err
 
 
+def test_folds_gate_names_the_se_and_eca_resnets():
+  for name in ("seresnet50", "ecaresnet50d", "se_resnet20", "test_resnet_tiny_se"):
+    assert bench.folds_gate(name), name
+  for name in ("resnet50", "cbam_resnet50", "gcresnet50", "attention56", "test_resnet_tiny"):
+    assert not bench.folds_gate(name), name
+
+
+def test_unfolded_adds_a_layer_by_layer_row(tmp_path):
+  out = tmp_path / "unfolded.json"
+  rc = bench.main(["--models=test_resnet_tiny_se", "--batch=2", "--warmup=0", "--repeats=1",
+                   "--unfolded", f"--out={out}"])
+  assert rc == 0
+  rows = [r for r in json.loads(out.read_text()) if r["kind"] == "model"]
+  assert [(r["model"], r["model_kwargs"]) for r in rows] == [
+      ("test_resnet_tiny", {}), ("test_resnet_tiny_se", {}),
+      ("test_resnet_tiny_se", {"fold_gate": False})]
+  base = rows[0]["step_time_median_s"]
+  for row in rows[1:]:
+    assert row["backbone"] == "test_resnet_tiny"
+    assert math.isclose(row["overhead_vs_backbone"], row["step_time_median_s"] / base)
+
+
 def test_bad_flags_are_clear_errors(capsys):
   assert bench.main(["--models=test_resnet_tiny", "--batch=0"]) != 0
   assert "--batch must be >= 1" in capsys.readouterr().err
@@ -123,6 +145,8 @@ def test_pipeline_with_worker_processes():
   row = bench.bench_pipeline("digits", batch=4, image_shape=(16, 16, 3), warmup=1, batches=2,
                              model_row=None, workers=1)
   assert row["workers"] == 1 and row["images_per_second"] > 0
+  # The worker's buffered batch and the prefetch are read before the clock starts.
+  assert row["warmup_batches"] == 1 + 1 + 4 and row["batches"] == 2
   assert row["model"] is None and row["ratio_vs_model"] is None
   assert row["image_dtype"] == "float32"  # the embedded digits are float images
 

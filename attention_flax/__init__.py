@@ -19,6 +19,7 @@ from attention_flax.layers import (
     SpatialAttention,
     SpatialTransformer,
     SqueezeExcite,
+    TorchBatchNorm,
     affine_grid,
     create_attention,
     grid_sample,
@@ -31,6 +32,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTENTIONS", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
     "GlobalContext", "ResidualAttention", "ResidualUnit", "SpatialAttention",
-    "SpatialTransformer", "SqueezeExcite", "affine_grid", "create_attention", "grid_sample",
-    "list_attentions", "make_divisible",
+    "SpatialTransformer", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
+    "grid_sample", "list_attentions", "make_divisible",
 ]

@@ -55,8 +55,9 @@ JSON (``--out``): a list of objects, each with ``kind``:
     (read before timing: 2 plus what the workers' buffers and the prefetch can hold, so
     that the timed batches are made while timed), batches (``--pipeline_batches``),
     images_per_second of ``train.data.train_dataset`` as the trainer reads it (uint8
-    sources stay uint8 for the device to normalise), image_dtype (of its batches), model, model_images_per_second
-    (the fastest model's), ratio_vs_model (pipeline / model: >= 1 means it keeps up).
+    sources stay uint8 for the device to normalise), image_dtype (of its batches), model,
+    model_images_per_second (the fastest model's), ratio_vs_model (pipeline / model: >= 1
+    means it keeps up).
 """
 
 from __future__ import annotations

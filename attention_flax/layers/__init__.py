@@ -12,6 +12,7 @@ from flax import linen as nn
 from attention_flax.layers.channel import ECA, EffectiveSE, GatherExcite, SqueezeExcite
 from attention_flax.layers.common import get_act, make_divisible
 from attention_flax.layers.hybrid import CBAM, GlobalContext
+from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
 from attention_flax.layers.spatial import CoordAttention, SpatialAttention
 from attention_flax.layers.transformer import SpatialTransformer, affine_grid, grid_sample
@@ -52,6 +53,6 @@ def create_attention(name: str, /, **kwargs) -> nn.Module:
 __all__ = [
     "ATTENTIONS", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
     "GlobalContext", "ResidualAttention", "ResidualUnit", "SpatialAttention",
-    "SpatialTransformer", "SqueezeExcite", "affine_grid", "create_attention", "get_act",
-    "grid_sample", "list_attentions", "make_divisible",
+    "SpatialTransformer", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
+    "get_act", "grid_sample", "list_attentions", "make_divisible",
 ]

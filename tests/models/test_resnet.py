@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from attention_flax.layers.channel import SqueezeExcite
 from attention_flax.models import count_params, create_model, list_models, model_info
+from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.models.resnet import (
     BasicBlock, Bottleneck, ResNet, avg_pool_2x2_ceil, cifar_resnet, max_pool_3x3_s2)
 
@@ -479,3 +480,20 @@ def test_folding_the_gate_removes_passes_over_the_block_output():
   # backward likewise (25 against 30 equations when written).
   folded, layered = _full_size_ops(True), _full_size_ops(False)
   assert folded <= layered - 4, (folded, layered)
+
+
+def test_a_norm_that_cannot_fold_applies_the_gate_after_it():
+  # Flax's own BatchNorm has no fold=: the block normalises, then gates, whatever fold_gate
+  # says; the result is the layered block's with TorchBatchNorm's biased running variance
+  # aside (identical outputs in training mode).
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 16)) + 1.0
+  outs = []
+  for norm in (functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5),
+               functools.partial(TorchBatchNorm, momentum=0.9, epsilon=1e-5)):
+    block = Bottleneck(features=4, attn="se", zero_init_last=False, norm=norm)
+    variables = jax.jit(functools.partial(block.init, train=True))(KEY, x)
+    y, state = block.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"])
+    outs.append((y, state["intermediates"]["se"]["channel_gate"][0]))
+  np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-6)
+  assert float(jnp.std(outs[0][1])) > 1e-3

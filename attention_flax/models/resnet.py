@@ -105,9 +105,12 @@ def batch_norm(norm: ModuleDef, x: Array, name: str, **kwargs: Any) -> Array:
   promotion refuses for bfloat16; normalising in float32 is also the precise choice. The
   output comes back in the norm's ``dtype`` (the model's compute dtype).
   """
-  if jnp.finfo(x.dtype).bits < 32:
-    x = x.astype(jnp.float32)
-  return norm(name=name, **kwargs)(x)
+  return norm(name=name, **kwargs)(at_least_float32(x))
+
+
+def at_least_float32(x: Array) -> Array:
+  """x, promoted to float32 when narrower (the input of every batch norm here)."""
+  return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
 def make_attention(attn: str | Callable[..., nn.Module] | None,
@@ -218,8 +221,7 @@ class ResidualBlock(nn.Module):
     attention = make_attention(self.attn, self.attn_kwargs, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="se")
     bn = norm(name=bn_name, scale_init=scale_init)
-    if jnp.finfo(y.dtype).bits < 32:  # as batch_norm(): normalised in float32
-      y = y.astype(jnp.float32)
+    y = at_least_float32(y)
     if (self.fold_gate and attention is not None and isinstance(bn, TorchBatchNorm)
         and getattr(attention, "gates_from_mean", False)):
       # BN(y) * gate == y * (mul * gate) + add * gate, per sample and channel.

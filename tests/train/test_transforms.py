@@ -37,6 +37,49 @@ def test_random_crop_equals_slicing_np_pad(shape, padding):
   assert (empty > 0) == (padding >= min(shape[:2]))
 
 
+def _three_steps(image, size, padding, rng):
+  out = transforms.random_crop(transforms.resize(image, size, size), rng, padding)
+  return transforms.random_flip(out, rng)
+
+
+@pytest.mark.parametrize("shape,size,padding", [
+    ((32, 32, 3), 224, 28), ((9, 7, 1), 13, 3), ((30, 20, 3), 24, 4), ((5, 6, 3), 8, 10)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_train_augment_equals_resize_crop_flip_in_turn(shape, size, padding, dtype):
+  # TrainAugment resizes only the kept window (Pillow's box) and mirrors it before it
+  # becomes an array; the random draws and the result are those of the three steps.
+  rng = np.random.default_rng(5)
+  image = (rng.integers(0, 256, shape).astype(np.uint8) if dtype == np.uint8
+           else rng.random(shape, dtype=np.float32))
+  augment = transforms.TrainAugment(size, padding, flip=True)
+  differing = []
+  for seed in range(40):
+    out = augment({"image": image, "label": 0}, np.random.default_rng(seed))["image"]
+    expected = _three_steps(image, size, padding, np.random.default_rng(seed))
+    assert out.shape == (size, size, shape[-1]) and out.dtype == dtype
+    error = np.abs(out.astype(np.float64) - expected)
+    if dtype == np.uint8:  # Pillow's fixed-point weights round a few pixels the other way
+      assert error.max() <= 1.0
+      differing.append(np.mean(error > 0))
+    else:
+      np.testing.assert_allclose(out, expected, atol=2e-6)
+  if differing:
+    assert np.mean(differing) < 0.1
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_resize_and_crop_at_every_offset_of_an_unresized_image(mirror):
+  # No resize: exactly the np.pad window, mirrored after cropping.
+  image = np.random.default_rng(6).integers(1, 256, (6, 6, 3)).astype(np.uint8)
+  padded = np.pad(image, ((3, 3), (3, 3), (0, 0)))
+  for top in range(-3, 4):
+    for left in range(-3, 4):
+      out = transforms.resize_and_crop(image, 6, (top, left), mirror)
+      window = padded[top + 3:top + 9, left + 3:left + 9]
+      np.testing.assert_array_equal(out, window[:, ::-1] if mirror else window)
+  assert not transforms.resize_and_crop(image, 6, (6, 0)).any()  # the window misses it
+
+
 def test_normalize_per_channel_on_a_mirrored_view():
   image = np.random.default_rng(1).random((5, 6, 3), dtype=np.float32)[:, ::-1]
   mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)

@@ -1,0 +1,124 @@
+"""Where a train step's time goes (``train.bench --profile``): the XLA operations of a few
+traced steps, summed by kind and by name.
+
+Each model's compiled step runs ``steps`` more times under ``jax.profiler.trace``; the trace
+is read back with ``jax.profiler.ProfileData`` and every event that names an XLA operation
+(it carries an ``hlo_op`` statistic: GPU kernels, CPU thunks) is counted, from the device
+planes where the backend has them (GPU, TPU) and from the host's otherwise (CPU). What is
+reported per model and step:
+
+* ``busy_s``: the events' durations summed. On a GPU's single stream this is the time the
+  device computed; the step time minus it (``idle_s``) is the time it waited between
+  kernels (launches, host work). On CPU operations run on several threads at once, so the
+  sum can exceed the step time and ``idle_s`` means nothing (null).
+* ``ops``: the number of such events (kernels on a GPU).
+* ``by_kind``: time and count per kind: "convolution" (cuDNN's kernels and their layout
+  kernels, XLA:CPU's convolutions), "matmul" (cuBLAS, XLA's gemm fusions and dots),
+  "fusion" (XLA's element-wise, reduction and transpose fusions), "copy", "memset",
+  "other" (anything else).
+* ``top``: the ``top`` names with the most time, a trailing ``.N`` / ``_N`` (XLA's numbering
+  of instances) removed, so that one row sums every instance of a kind of fusion.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import tempfile
+from typing import Any, Sequence
+
+import jax
+
+KINDS = ("convolution", "matmul", "fusion", "copy", "memset", "other")
+_CONV = ("xmma", "cudnn", "implicit_gemm", "convolve_common", "nhwcaddpadding", "nchwtonhwc",
+         "nhwctonchw", "convolution", "conv_general_dilated")
+_MATMUL = ("nvjet", "gemm", "dot", "cublas")
+
+
+def kind_of(name: str) -> str:
+  """The kind (:data:`KINDS`) of an event named ``name``: a GPU kernel's or an XLA op's."""
+  lower = name.lower()
+  if lower.startswith("memset"):
+    return "memset"
+  if "memcpy" in lower or lower.startswith("copy"):
+    return "copy"
+  if any(key in lower for key in _CONV):
+    return "convolution"
+  if any(key in lower for key in _MATMUL):
+    return "matmul"
+  if "fusion" in lower or lower.startswith(("wrapped_", "transpose", "reduce")):
+    return "fusion"
+  return "other"
+
+
+def stem(name: str) -> str:
+  """``name`` without XLA's instance number (``loop_add_fusion.12`` -> ``loop_add_fusion``)."""
+  return re.sub(r"[._]\d+$", "", name.strip())
+
+
+def _events(path: str) -> list[tuple[str, float]]:
+  """(name, duration in ns) of every event with an ``hlo_op`` statistic, from the device
+  planes if the trace has any, else from the host planes."""
+  from jax.profiler import ProfileData
+  files = glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True)
+  if not files:
+    raise RuntimeError(f"jax.profiler wrote no trace under {path}.")
+  found: dict[bool, list[tuple[str, float]]] = {True: [], False: []}
+  for file in files:
+    for plane in ProfileData.from_file(file).planes:
+      device = plane.name.startswith("/device:")
+      for line in plane.lines:
+        for event in line.events:
+          if any(key == "hlo_op" for key, _ in event.stats):
+            found[device].append((event.name, float(event.duration_ns)))
+  return found[True] or found[False]
+
+
+def profile_step(step: Any, steps: int = 3, top: int = 12) -> dict[str, Any]:
+  """Traces ``steps`` calls of ``step.step()`` (a ``train.bench.OurStep``) and sums the
+  XLA operations per step (module docstring)."""
+  if steps < 1:
+    raise ValueError(f"--profile_steps must be >= 1; got {steps}.")
+  with tempfile.TemporaryDirectory(prefix="bench_trace_") as path:
+    with jax.profiler.trace(path):
+      wall = sum(step.step() for _ in range(steps))
+    events = _events(path)
+  by_kind = {k: [0.0, 0] for k in KINDS}
+  by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  for name, ns in events:
+    entry = by_kind[kind_of(name)]
+    entry[0] += ns
+    entry[1] += 1
+    entry = by_name[stem(name)]
+    entry[0] += ns
+    entry[1] += 1
+  busy = sum(ns for _, ns in events) / steps / 1e9
+  on_device = jax.default_backend() != "cpu"
+  return {
+      "steps": steps, "step_time_s": wall / steps, "busy_s": busy,
+      "idle_s": wall / steps - busy if on_device else None,
+      "ops": len(events) / steps,
+      "by_kind": {k: {"s": v[0] / steps / 1e9, "ops": v[1] / steps}
+                  for k, v in by_kind.items() if v[1]},
+      "top": [{"name": n, "s": v[0] / steps / 1e9, "ops": v[1] / steps}
+              for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """A table of the profiled model rows (none without ``--profile``)."""
+  profiled = [r for r in rows if r.get("kind") == "model" and r.get("profile")]
+  if not profiled:
+    return []
+  out = ["", "| model | ms per step: busy / idle | ops | "
+         + " | ".join(f"{k} ms (ops)" for k in KINDS) + " |",
+         "|---|---|---|" + "---|" * len(KINDS)]
+  for r in profiled:
+    p = r["profile"]
+    idle = "-" if p["idle_s"] is None else f"{p['idle_s'] * 1e3:.2f}"
+    cells = [f"{p['by_kind'][k]['s'] * 1e3:.2f} ({p['by_kind'][k]['ops']:.0f})"
+             if k in p["by_kind"] else "-" for k in KINDS]
+    out.append(f"| {r['model']} | {p['busy_s'] * 1e3:.2f} / {idle} | {p['ops']:.0f} | "
+               + " | ".join(cells) + " |")
+  return out

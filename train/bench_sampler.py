@@ -1,0 +1,80 @@
+"""The sampler's side of ``train.bench`` (``--sampler``): ``grid_sample`` forward and
+backward on a fixed batch, against ``torch.nn.functional.grid_sample`` with
+``--against=torch`` (``train.bench_torch``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class _OurSampler:
+  def __init__(self, shape: tuple[int, int, int, int], seed: int = 0,
+               compiler_options: dict[str, Any] | None = None):
+    from attention_flax.layers.transformer import affine_grid, grid_sample
+    rs = np.random.RandomState(seed)
+    n = shape[0]
+    theta = np.tile(np.array([[0.8, 0.1, 0.05], [-0.1, 0.9, -0.05]], np.float32), (n, 1, 1))
+    theta += 0.05 * rs.standard_normal(theta.shape).astype(np.float32)
+    self.x = rs.standard_normal(shape).astype(np.float32)
+    self.grid = np.asarray(affine_grid(jnp.asarray(theta), shape))
+    self.cot = rs.standard_normal(shape).astype(np.float32)
+
+    def forward_backward(x, grid, cot):
+      # The samples and both gradients for a given output gradient, as inside a network
+      # (no loss reduction fused into the sampler).
+      out, pullback = jax.vjp(grid_sample, x, grid)
+      return out, *pullback(cot)
+
+    args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
+    start = time.perf_counter()
+    fn = jax.jit(forward_backward, compiler_options=compiler_options or None)
+    self.compiled = fn.lower(*args).compile()
+    self.compile_time = time.perf_counter() - start
+    self.args, self.times = args, []
+
+  def step(self) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(self.compiled(*self.args))
+    return time.perf_counter() - start
+
+
+def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, repeats: int,
+                  against: str | None,
+                  compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
+  """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
+  from train.bench import _interleave, _summary
+  from train.bench_torch import _TorchSampler
+  rows = []
+  for shape in shapes:
+    ours = _OurSampler(tuple(shape), compiler_options=compiler_options)
+    steps = [ours] + ([_TorchSampler(ours)] if against == "torch" else [])
+    _interleave(steps, warmup, repeats)
+    row = {"kind": "sampler", "model": "grid_sample", "shape": list(shape),
+           **_summary(ours.times), "compile_time_s": ours.compile_time}
+    if against == "torch":
+      row.update(_summary(steps[1].times, "torch_"))
+      row["throughput_ratio_vs_torch"] = (row["torch_step_time_median_s"]
+                                          / row["step_time_median_s"])
+    rows.append(row)
+  return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+  """The "sampler" rows as a Markdown table's lines (none without such rows)."""
+  from train.bench import _fmt
+  samplers = [r for r in rows if r["kind"] == "sampler"]
+  if not samplers:
+    return []
+  out = ["", "| grid_sample fwd+bwd (N, H, W, C) | median s (min-max) | torch median s "
+         "| ours/torch |", "|---|---|---|---|"]
+  for r in samplers:
+    out.append(f"| {tuple(r['shape'])} | {r['step_time_median_s']:.4f} "
+               f"({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) "
+               f"| {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
+               f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
+  return out

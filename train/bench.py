@@ -17,8 +17,9 @@ Attention models are compared with their plain backbone, added to the run when n
 listed: seresnet50 / cbam_resnet50 / gcresnet50 / sa_resnet50 -> resnet50, ecaresnet50d ->
 resnet50d, {se,cbam,eca}_resnetNN -> resnetNN, test_resnet_tiny_X -> test_resnet_tiny.
 Residual Attention Networks have no plain twin (overhead null). ``--unfolded`` adds, after
-each SE / ECA ResNet, the same model with ``fold_gate=False`` (the gate applied after the
-block's last batch norm instead of folded into it), compared with the same backbone.
+each SE / ECA / CBAM ResNet, the same model with ``fold_gate=False`` (the gate applied
+after the block's last batch norm instead of folded into it), compared with the same
+backbone.
 ``--profile`` then traces ``--profile_steps`` more steps of each model and sums the XLA
 operations by kind and name (``train/bench_profile.py``); ``--pipeline`` measures the input
 pipeline on ``--data`` (``train/bench_pipeline.py``), ``--sampler`` the STN sampler
@@ -195,8 +196,8 @@ class OurStep:
 
 
 def folds_gate(name: str) -> bool:
-  """Whether the registered model ``name`` is a ResNet whose blocks fold a mean-pooled
-  channel gate into their last batch norm (``fold_gate``: SE, Effective SE, ECA)."""
+  """Whether the registered model ``name`` is a ResNet whose blocks fold a channel gate
+  into their last batch norm (``fold_gate``: SE, Effective SE, ECA, CBAM)."""
   from attention_flax import models
   from attention_flax.layers import ATTENTIONS
   model = models.create_model(name, num_classes=10)
@@ -206,7 +207,8 @@ def folds_gate(name: str) -> bool:
   if isinstance(attn, str):
     attn = ATTENTIONS.get(attn.lower())
   attn = getattr(attn, "func", attn)  # a functools.partial of a layer class
-  return bool(getattr(attn, "gates_from_mean", False))
+  return bool(getattr(attn, "gates_from_mean", False)
+              or getattr(attn, "gates_from_mean_and_max", False))
 
 
 def _progress(message: str) -> None:

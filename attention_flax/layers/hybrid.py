@@ -14,7 +14,7 @@ input's dtype.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,11 @@ class CBAMChannel(nn.Module):
   ``x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))`` with ``mlp = fc2(act(fc1(.)))``, children
   ``fc1`` (C -> rd) and ``fc2`` (rd -> C), no biases by default (timm's ``ChannelAttn``).
   Input and output (N, H, W, C); sows ``"channel_gate"`` (N, 1, 1, C).
+
+  ``pooled=(mean, max)``, the two (N, C) spatial pools computed by the caller (a ResNet
+  block takes them from its last batch norm's statistics pass,
+  ``TorchBatchNorm(fold=True, fold_max=True)``), with ``x=None``: the gate (N, 1, 1, C)
+  is returned, not applied.
   """
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
@@ -46,12 +51,23 @@ class CBAMChannel(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
-    channels = x.shape[-1]
+  def __call__(self, x: Array | None, train: bool = False, *,
+               pooled: tuple[Array, Array] | None = None) -> Array:
+    name = type(self).__name__
+    if pooled is None:
+      check_images(x, name)
+      pools = mean_and_max(x, (1, 2))
+    else:
+      if x is not None:
+        raise ValueError(f"{name} takes x or pooled=, not both: pass x=None with pooled=.")
+      pools = tuple(pooled)
+      if len(pools) != 2 or any(p.ndim != 2 or p.shape != pools[0].shape for p in pools):
+        raise ValueError(f"{name} expects pooled=(mean, max), two (N, C) spatial pools of an "
+                         f"(N, H, W, C) map; got shapes {[getattr(p, 'shape', p) for p in pools]}.")
+    channels = pools[0].shape[-1]
     hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
     # Both descriptors go through the MLP in one batch: (2, N, C).
-    descriptors = jnp.stack(mean_and_max(x, (1, 2)))
+    descriptors = jnp.stack(pools)
     y = nn.Dense(hidden, use_bias=self.mlp_bias, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc1")(descriptors)
     y = get_act(self.act)(y)
@@ -59,7 +75,7 @@ class CBAMChannel(nn.Module):
                  param_dtype=self.param_dtype, name="fc2")(y)
     gate = get_act(self.gate)(y[0] + y[1])[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return x * gate.astype(x.dtype)
+    return gate if pooled is not None else x * gate.astype(x.dtype)
 
 
 class CBAM(nn.Module):
@@ -74,7 +90,15 @@ class CBAM(nn.Module):
   ``norm`` is the factory of that BatchNorm (see :class:`SpatialAttention`); the default
   ``TorchBatchNorm`` updates its running variance as PyTorch does (unbiased), so a train
   step moves the statistics exactly as timm's. Input and output (N, H, W, C).
+
+  Folding into a batch norm (``gates_from_mean_and_max``): ``layer(None, train,
+  pooled=(mean, max))`` returns the channel gate (N, 1, 1, C) from the caller's pools of
+  its input (:class:`CBAMChannel`), and ``layer(x, train, channel_gated=True)`` applies
+  only the spatial gate to an ``x`` the caller has already scaled by it. A ResNet block
+  thus computes its last batch norm, the pools and the channel gate without writing the
+  normalised map (``fold_gate``).
   """
+  gates_from_mean_and_max: ClassVar[bool] = True
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
   rd_channels: int | None = None
@@ -89,12 +113,21 @@ class CBAM(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array | None, train: bool = False, *,
+               pooled: tuple[Array, Array] | None = None,
+               channel_gated: bool = False) -> Array:
+    if pooled is not None and channel_gated:
+      raise ValueError("CBAM takes pooled= (returns the channel gate) or channel_gated=True "
+                       "(applies the spatial gate), not both.")
+    channel = CBAMChannel(rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
+                          rd_channels=self.rd_channels, mlp_bias=self.mlp_bias, act=self.act,
+                          gate=self.gate, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="channel")
+    if pooled is not None:
+      return channel(x, train, pooled=pooled)
     check_images(x, type(self).__name__)
-    x = CBAMChannel(rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
-                    rd_channels=self.rd_channels, mlp_bias=self.mlp_bias, act=self.act,
-                    gate=self.gate, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="channel")(x, train)
+    if not channel_gated:
+      x = channel(x, train)
     return SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
                             use_bn=self.spatial_bn, norm=self.norm, gate=self.gate,
                             dtype=self.dtype, param_dtype=self.param_dtype,

@@ -15,6 +15,7 @@ same way. Its variables have ``flax.linen.BatchNorm``'s names and shapes (params
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ class TorchBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
-               fold: bool = False) -> Array | tuple[Array, Array, Array]:
+               fold: bool = False, fold_max: bool = False) -> Array | tuple[Array, ...]:
     """Normalises ``x``; with ``fold=True`` returns ``(mul, add, pooled)`` instead.
 
     ``mul`` and ``add`` are float32 (C,) with ``norm(x) == x * mul + add`` (the output
@@ -72,6 +73,11 @@ class TorchBatchNorm(nn.Module):
     out of the same pass over ``x`` as the statistics. A caller that scales the output
     per sample and channel afterwards, as a channel gate does, applies
     ``x * (mul * s) + add * s`` without the normalised array ever being written.
+
+    ``fold_max=True`` (with ``fold``) adds a fourth, the (N, C) maximum of the output over
+    the same axes, from the same pass: ``mul * max(x) + add`` where ``mul > 0``,
+    ``mul * min(x) + add`` where ``mul < 0``. Its derivatives are those of the maximum of
+    the normalised output (:func:`affine_max`), ties included.
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
@@ -90,7 +96,11 @@ class TorchBatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     x32 = x.astype(jnp.float32)
 
+    if fold_max and not fold:
+      raise ValueError("TorchBatchNorm: fold_max=True needs fold=True.")
     sample_mean = None
+    if fold_max:
+      top, bottom = extrema(x32, inner_axes)
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
       if fold:
@@ -127,7 +137,10 @@ class TorchBatchNorm(nn.Module):
       bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
       add = add + bias.astype(jnp.float32)
     if fold:
-      return mul, add, sample_mean * mul + add
+      pooled = sample_mean * mul + add
+      if fold_max:
+        return mul, add, pooled, affine_max(mul, top, bottom, sample_mean) + add
+      return mul, add, pooled
     y = x32 * mul + add
     return y.astype(self.output_dtype(x.dtype))
 
@@ -138,3 +151,58 @@ class TorchBatchNorm(nn.Module):
     # The wider of the two, chosen explicitly: strict dtype promotion refuses to mix them.
     wider = jnp.finfo(input_dtype).bits >= jnp.finfo(self.param_dtype).bits
     return input_dtype if wider else self.param_dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def extrema(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+  """``(jnp.max(x, axes), jnp.min(x, axes))`` with the same derivatives (shared equally
+  among tied entries), whose reverse mode keeps only ``x`` and the two results: JAX's own
+  rule for ``jnp.max`` stores a full-size array marking the maxima, here they are found
+  again from ``x`` in the backward pass, where a batch norm's gradient reads ``x`` anyway."""
+  return jnp.max(x, axis=axes), jnp.min(x, axis=axes)
+
+
+def _extrema_fwd(x, axes):
+  top, bottom = extrema(x, axes)
+  return (top, bottom), (x, top, bottom)
+
+
+def _extrema_bwd(axes, residuals, cotangents):
+  x, top, bottom = residuals
+  d_top, d_bottom = cotangents
+  grads = []
+  for value, d in ((top, d_top), (bottom, d_bottom)):
+    value, d = jnp.expand_dims(value, axes), jnp.expand_dims(d, axes)
+    hit = x == value
+    count = jnp.sum(hit, axis=axes, keepdims=True, dtype=x.dtype)
+    grads.append(jnp.where(hit, d / count, jnp.zeros((), x.dtype)))
+  return (grads[0] + grads[1],)
+
+
+extrema.defvjp(_extrema_fwd, _extrema_bwd)
+
+
+@jax.custom_jvp
+def affine_max(mul: Array, top: Array, bottom: Array, mean: Array) -> Array:
+  """``max(x * mul)`` over a pooled axis from ``top = max(x)``, ``bottom = min(x)`` and
+  ``mean = mean(x)`` over it, for a per-channel ``mul`` (C,) and (N, C) statistics.
+
+  The value is ``mul * top`` where ``mul > 0``, ``mul * bottom`` where ``mul < 0`` and 0
+  where ``mul == 0``. So are the derivatives, with one exception that matters: where
+  ``mul == 0`` every entry of ``x * mul`` ties, and the maximum's derivative, shared
+  equally among tied entries (JAX's and PyTorch's ``amax``), is ``mean`` with respect to
+  ``mul``. A block whose last batch norm starts at zero scale (``zero_init_last``) has
+  exactly that at initialisation.
+  """
+  return jnp.where(mul > 0, mul * top, jnp.where(mul < 0, mul * bottom, 0.0))
+
+
+@affine_max.defjvp
+def _affine_max_jvp(primals, tangents):
+  mul, top, bottom, mean = primals
+  d_mul, d_top, d_bottom, _ = tangents  # the mean only enters the derivative
+  positive, negative = mul > 0, mul < 0
+  slope = jnp.where(positive, top, jnp.where(negative, bottom, mean))
+  tangent = (slope * d_mul + jnp.where(positive, mul, 0.0) * d_top
+             + jnp.where(negative, mul, 0.0) * d_bottom)
+  return affine_max(mul, top, bottom, mean), tangent

@@ -188,8 +188,10 @@ class ResidualBlock(nn.Module):
       take those means from the last batch norm's statistics pass and fold the gate into
       the norm's per-channel scale and shift (``TorchBatchNorm(fold=True)``): the same
       values up to rounding, without the normalised map being written, pooled and scaled
-      in passes of their own, forward and backward. False computes the layers one after
-      another.
+      in passes of their own, forward and backward. CBAM (``gates_from_mean_and_max``)
+      takes its channel gate's mean and max from that pass too
+      (``TorchBatchNorm(fold=True, fold_max=True)``) and gets the gated map for its
+      spatial gate. False computes the layers one after another.
   """
   expansion: ClassVar[int] = 1
 
@@ -222,14 +224,24 @@ class ResidualBlock(nn.Module):
                                param_dtype=self.param_dtype, name="se")
     bn = norm(name=bn_name, scale_init=scale_init)
     y = at_least_float32(y)
-    if (self.fold_gate and attention is not None and isinstance(bn, TorchBatchNorm)
-        and getattr(attention, "gates_from_mean", False)):
+    folds = self.fold_gate and attention is not None and isinstance(bn, TorchBatchNorm)
+    if folds and getattr(attention, "gates_from_mean", False):
       # BN(y) * gate == y * (mul * gate) + add * gate, per sample and channel.
       out_dtype = bn.output_dtype(y.dtype)
       mul, add, pooled = bn(y, fold=True)
       gate = attention(None, train=train, pooled=pooled.astype(out_dtype))
       gate = gate.astype(jnp.float32)
       y = (y * (mul * gate) + add * gate).astype(out_dtype)
+    elif folds and getattr(attention, "gates_from_mean_and_max", False):
+      # CBAM: the channel gate from the norm's pass (mean and max), BN(y) * gate written
+      # once, as the spatial gate's input.
+      out_dtype = bn.output_dtype(y.dtype)
+      mul, add, pooled, pooled_max = bn(y, fold=True, fold_max=True)
+      gate = attention(None, train=train,
+                       pooled=(pooled.astype(out_dtype), pooled_max.astype(out_dtype)))
+      gate = gate.astype(jnp.float32)
+      y = attention((y * (mul * gate) + add * gate).astype(out_dtype), train=train,
+                    channel_gated=True)
     else:
       y = bn(y)
       if attention is not None:
@@ -297,8 +309,8 @@ class ResNet(nn.Module):
     attn, attn_kwargs: attention layer of every block (see :class:`BasicBlock`).
     num_classes: logits of the ``fc`` head.
     zero_init_last: zero-initialise the last BN scale of every block (timm's default).
-    fold_gate: fold a mean-pooled channel gate (SE, ECA) into each block's last batch
-      norm (see :class:`ResidualBlock`); False applies the layers one after another.
+    fold_gate: fold a channel gate (SE, ECA, CBAM's) into each block's last batch norm
+      (see :class:`ResidualBlock`); False applies the layers one after another.
     bn_momentum, bn_epsilon: Flax convention (0.9 == PyTorch's momentum 0.1).
     conv, norm, act: layer factories injected into stem and blocks. ``norm`` defaults to
       :class:`TorchBatchNorm` (PyTorch's unbiased running variance, as the attention

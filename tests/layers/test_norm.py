@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_flax.layers.norm import TorchBatchNorm
+from attention_flax.layers.norm import TorchBatchNorm, affine_max
 
 KEY = jax.random.key(0)
 
@@ -109,3 +109,46 @@ def test_fold_gives_the_affine_and_the_per_sample_mean(train):
                                rtol=1e-6)
   if train:
     assert not np.allclose(upd["batch_stats"]["mean"], variables["batch_stats"]["mean"])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fold_max_is_the_per_sample_maximum_of_the_output(train):
+  # Channels with positive, negative and zero scale: the maximum of x * mul + add comes
+  # from max(x), min(x), or is add itself.
+  x = jax.random.normal(KEY, (3, 4, 5, 3)) * 2.0 + 1.0
+  bn = TorchBatchNorm()
+  variables = _variables(bn, x, 0.5)
+  variables["params"]["scale"] = jnp.array([1.5, -0.75, 0.0])
+  (mul, add, pooled, top), _ = bn.apply(variables, x, use_running_average=not train,
+                                        fold=True, fold_max=True, mutable=["batch_stats"])
+  y = x * mul + add
+  np.testing.assert_allclose(top, jnp.max(y, axis=(1, 2)), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(pooled, jnp.mean(y, axis=(1, 2)), atol=1e-5, rtol=0)
+  assert float(mul[2]) == 0.0 and float(mul[1]) < 0.0 < float(mul[0])
+  with pytest.raises(ValueError, match="fold_max=True needs fold=True"):
+    bn.apply(variables, x, use_running_average=True, fold_max=True)
+
+
+@pytest.mark.parametrize("mul", [[0.5, -1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+def test_affine_max_has_the_derivatives_of_the_maximum_ties_included(mul):
+  # Where mul == 0 every entry ties and the maximum's derivative (shared among ties, as
+  # jnp.max and PyTorch's amax share it) with respect to mul is the mean of x.
+  x = jax.random.normal(KEY, (3, 7, 4))
+  mul = jnp.asarray(mul)
+
+  def layered(mul, x):
+    return jnp.max(x * mul, axis=1)
+
+  def folded(mul, x):
+    return affine_max(mul, jnp.max(x, axis=1), jnp.min(x, axis=1), jnp.mean(x, axis=1))
+
+  cotangent = jax.random.normal(jax.random.key(1), (3, 4))
+  (want, want_vjp), (got, got_vjp) = jax.vjp(layered, mul, x), jax.vjp(folded, mul, x)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+  d_mul = got_vjp(cotangent)[0]
+  assert float(jnp.abs(d_mul[2])) > 1e-3  # the zero-scale channel still learns its scale
+  np.testing.assert_allclose(
+      jax.jvp(lambda m: folded(m, x), (mul,), (jnp.ones(4),))[1],
+      jax.jvp(lambda m: layered(m, x), (mul,), (jnp.ones(4),))[1], atol=1e-5)

@@ -458,6 +458,44 @@ def test_gate_folded_into_the_norm_equals_the_layers_in_turn(attn, block_cls, st
   assert float(jnp.std(gates[0])) > 1e-3
 
 
+@pytest.mark.parametrize("zero_init_last", [True, False])
+@pytest.mark.parametrize("block_cls, strides", [(Bottleneck, 2), (BasicBlock, 1)])
+def test_cbam_channel_gate_folded_into_the_norm_equals_the_layers_in_turn(
+    block_cls, strides, zero_init_last):
+  # CBAM's channel gate takes its mean and max from the norm's pass; with the last scale
+  # at zero (zero_init_last) the max ties everywhere and the scale's gradient must still
+  # be the layered block's.
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 16)) * 1.5 + 0.5
+  runs = [_block_step(block_cls(features=16 // block_cls.expansion * 2, strides=strides,
+                                attn="cbam", zero_init_last=zero_init_last, fold_gate=fold), x)
+          for fold in (True, False)]
+  folded, layered = runs
+  chex.assert_trees_all_close(folded[:4], layered[:4], atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(folded[4], layered[4], atol=1e-5, rtol=1e-5)
+  last = "bn3" if block_cls is Bottleneck else "bn2"
+  assert float(jnp.abs(folded[1][0][last]["scale"]).max()) > 1e-3
+  gate = folded[4]["se"]["channel"]["channel_gate"][0]
+  if zero_init_last:  # a zero map's pools are zero: the gate is sigmoid(0) everywhere
+    np.testing.assert_allclose(gate, 0.5)
+  else:
+    assert float(jnp.std(gate)) > 1e-3
+
+
+def _jaxpr_text(attn, fold):
+  block = Bottleneck(features=8, attn=attn, fold_gate=fold)
+  x = jnp.ones((2, 8, 8, 32))
+  variables = block.init(KEY, x, train=True)
+  return str(jax.make_jaxpr(
+      lambda v: block.apply(v, x, train=True, mutable=["batch_stats"]))(variables))
+
+
+def test_cbam_folds_only_with_fold_gate():
+  # Only the folded block takes a minimum: the conv output's, for channels whose batch
+  # norm scale is negative (the layered CBAM pools the maximum of the normalised map).
+  assert "reduce_min" in _jaxpr_text("cbam", True)
+  assert "reduce_min" not in _jaxpr_text("cbam", False)
+
+
 def _full_size_ops(fold):
   """Equations of a Bottleneck training step (forward and backward) whose output has the
   block output's shape: the passes over the widest tensors."""

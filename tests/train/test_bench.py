@@ -109,10 +109,11 @@ def test_unknown_model_is_a_clear_error(capsys):
   assert "Unknown model 'resnet5O'" in err and "list_models()" in err
 
 
-def test_folds_gate_names_the_se_and_eca_resnets():
-  for name in ("seresnet50", "ecaresnet50d", "se_resnet20", "test_resnet_tiny_se"):
+def test_folds_gate_names_the_se_eca_and_cbam_resnets():
+  for name in ("seresnet50", "ecaresnet50d", "se_resnet20", "test_resnet_tiny_se",
+               "cbam_resnet50", "cbam_resnet20"):
     assert bench.folds_gate(name), name
-  for name in ("resnet50", "cbam_resnet50", "gcresnet50", "attention56", "test_resnet_tiny"):
+  for name in ("resnet50", "sa_resnet50", "gcresnet50", "attention56", "test_resnet_tiny"):
     assert not bench.folds_gate(name), name
 
 

@@ -158,7 +158,10 @@ def extrema(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
   """``(jnp.max(x, axes), jnp.min(x, axes))`` with the same derivatives (shared equally
   among tied entries), whose reverse mode keeps only ``x`` and the two results: JAX's own
   rule for ``jnp.max`` stores a full-size array marking the maxima, here they are found
-  again from ``x`` in the backward pass, where a batch norm's gradient reads ``x`` anyway."""
+  again from ``x`` in the backward pass, where a batch norm's gradient reads ``x`` anyway.
+  Being a ``jax.custom_vjp``, it has no forward mode (``jax.jvp``, ``jax.jacfwd``): a
+  CBAM ResNet differentiated that way needs ``fold_gate=False`` (and a plain ``nn.Conv``,
+  see ``attention_flax.conv``)."""
   return jnp.max(x, axis=axes), jnp.min(x, axis=axes)
 
 

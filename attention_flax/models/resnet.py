@@ -225,23 +225,18 @@ class ResidualBlock(nn.Module):
     bn = norm(name=bn_name, scale_init=scale_init)
     y = at_least_float32(y)
     folds = self.fold_gate and attention is not None and isinstance(bn, TorchBatchNorm)
-    if folds and getattr(attention, "gates_from_mean", False):
-      # BN(y) * gate == y * (mul * gate) + add * gate, per sample and channel.
+    with_max = folds and getattr(attention, "gates_from_mean_and_max", False)
+    if with_max or (folds and getattr(attention, "gates_from_mean", False)):
+      # BN(y) * gate == y * (mul * gate) + add * gate, per sample and channel, with the
+      # gate's pools (the mean; CBAM's mean and max) from the norm's statistics pass.
       out_dtype = bn.output_dtype(y.dtype)
-      mul, add, pooled = bn(y, fold=True)
-      gate = attention(None, train=train, pooled=pooled.astype(out_dtype))
+      mul, add, *pools = bn(y, fold=True, fold_max=with_max)
+      pools = tuple(p.astype(out_dtype) for p in pools)
+      gate = attention(None, train=train, pooled=pools if with_max else pools[0])
       gate = gate.astype(jnp.float32)
       y = (y * (mul * gate) + add * gate).astype(out_dtype)
-    elif folds and getattr(attention, "gates_from_mean_and_max", False):
-      # CBAM: the channel gate from the norm's pass (mean and max), BN(y) * gate written
-      # once, as the spatial gate's input.
-      out_dtype = bn.output_dtype(y.dtype)
-      mul, add, pooled, pooled_max = bn(y, fold=True, fold_max=True)
-      gate = attention(None, train=train,
-                       pooled=(pooled.astype(out_dtype), pooled_max.astype(out_dtype)))
-      gate = gate.astype(jnp.float32)
-      y = attention((y * (mul * gate) + add * gate).astype(out_dtype), train=train,
-                    channel_gated=True)
+      if with_max:  # CBAM: the gated map, written once, is its spatial gate's input
+        y = attention(y, train=train, channel_gated=True)
     else:
       y = bn(y)
       if attention is not None:

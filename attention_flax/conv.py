@@ -30,12 +30,12 @@ mode (``grad``, ``vjp``, gradients of gradients) and ``vmap`` work, forward mode
 ``nn.Conv`` (``ResNet`` takes a ``conv`` factory).
 
 A second drop-in, :func:`banded_conv_general_dilated`, is for the opposite shape: a
-stride-1 convolution with few input and output channels and a wide window, such as CBAM's
-7 x 7 convolution of two pooled maps to one. XLA:CPU runs a convolution with one output
-channel at well under 1 GFLOP/s; written as a matrix product along the image height
-against a banded (Toeplitz) matrix built from the kernel, the same layer trains 4-7x
-faster. It is plain JAX (every transformation works, ``jax.jvp`` included) and, like the
-first, applies on CPU only.
+stride-1 convolution with few input channels, one output channel and a wide window, such
+as CBAM's 7 x 7 convolution of two pooled maps to one. XLA:CPU runs a convolution with
+one output channel at well under 1 GFLOP/s; written as a matrix product along the image
+width against a banded (Toeplitz) matrix built from the kernel, the same layer trains
+1.8-7x faster (224 to 32 columns). It is plain JAX (every transformation works,
+``jax.jvp`` included) and, like the first, applies on CPU only.
 
 Third, the compiler: :func:`cpu_compiler_options` are options for ``jax.jit`` on CPU that
 keep XLA's convolutions out of the YNNPACK library (jaxlib 0.10 hands it convolutions,
@@ -258,51 +258,58 @@ def kernel_grad_by_patches(x: Array, g: Array, kernel_shape: Sequence[int],
   return acc.T.reshape(kh, kw, cin, cout).astype(x.dtype)
 
 
-# The banded product multiplies (H_out, H_pad) x (H_pad, kw * C_in) per column, so it does
-# H_pad / kh times the work of the direct convolution; it pays off while kw * C_in and
-# C_out are small, which is where XLA:CPU's direct convolution is slowest, and while the
-# map is not too tall: forward + both gradients of CBAM's 7x7 2 -> 1 convolution measured
-# 4.9x faster than XLA's at 32 rows, 1.7x at 56, even at 112 and slower at 224.
+# The banded product multiplies (W_out, W_pad) x (W_pad, kh * C_in) per row, so it does
+# W_pad / kw times the work of the direct convolution. With one output channel, where
+# XLA:CPU's direct convolution is slowest, it pays off up to wide maps: forward + both
+# gradients of CBAM's 7x7 2 -> 1 convolution measured 7.3x faster than XLA's at 32
+# columns, 4.2x at 56, 3.0x at 112 and 1.8x at 224; a 3x3 one 4.9x at 32 and 1.2x at 256.
+# With 4 or 8 outputs XLA's convolution caught up (0.2-1.0x at 32-128 columns), so those
+# keep it.
 MAX_BANDED_TAPS = 32
-MAX_BANDED_OUTPUTS = 8
-MAX_BANDED_HEIGHT = 64
+MAX_BANDED_OUTPUTS = 1
+MAX_BANDED_WIDTH = 256
 
 
 def uses_band(lhs_shape: Sequence[int], rhs_shape: Sequence[int]) -> bool:
   """Whether a stride-1 NHWC convolution of this (N, H, W, C_in) input and (kh, kw, C_in,
   C_out) kernel runs as a banded matrix product on CPU (:func:`banded_conv_general_dilated`)."""
   kh, kw, cin, cout = rhs_shape
-  return (kw * cin <= MAX_BANDED_TAPS and cout <= MAX_BANDED_OUTPUTS and kh > 1
-          and lhs_shape[1] <= MAX_BANDED_HEIGHT)
+  return (kh * cin <= MAX_BANDED_TAPS and cout <= MAX_BANDED_OUTPUTS and kw > 1
+          and lhs_shape[2] <= MAX_BANDED_WIDTH)
 
 
-def band_matrix(kernel: Array, height_out: int) -> Array:
-  """(kh, kw, C_in, C_out) kernel -> (H_out, H_out + kh - 1, kw * C_in, C_out) matrix T
-  with T[y, z] = kernel[z - y] where 0 <= z - y < kh and 0 elsewhere."""
+def band_matrix(kernel: Array, width_out: int) -> Array:
+  """(kh, kw, C_in, C_out) kernel -> (kh, W_out + kw - 1, C_in, W_out, C_out) matrix T
+  with T[dy, z, c, x, o] = kernel[dy, z - x, c, o] where 0 <= z - x < kw and 0 elsewhere."""
   kh, kw, cin, cout = kernel.shape
-  offset = np.arange(height_out + kh - 1)[None, :] - np.arange(height_out)[:, None]
-  pick = (offset[..., None] == np.arange(kh)).astype(np.float32)  # (y, z, dy)
-  taps = kernel.reshape(kh, kw * cin, cout)
-  return jnp.einsum("yzd,dko->yzko", jnp.asarray(pick, kernel.dtype), taps)
+  offset = np.arange(width_out + kw - 1)[:, None] - np.arange(width_out)[None, :]  # (z, x)
+  pick = (offset[..., None] == np.arange(kw)).astype(np.float32)  # (z, x, dx)
+  return jnp.einsum("zxe,deco->dzcxo", jnp.asarray(pick, kernel.dtype), kernel)
 
 
 def banded_conv(x: Array, kernel: Array, pads: Sequence[tuple[int, int]],
                 precision: Any = None, preferred_element_type: Any = None) -> Array:
-  """Stride-1 2-D NHWC convolution as a banded matrix product along H (module docstring).
+  """Stride-1 2-D NHWC convolution as a banded matrix product along W (module docstring).
 
-  out[n, y, x, o] = sum over (z, dx, c) of T[y, z, (dx, c), o] * xp[n, z, x + dx, c], with
-  xp the padded input and T = :func:`band_matrix`; the kw column shifts of xp are stacked
-  on the channel axis first. Equal to ``lax.conv_general_dilated`` with window strides 1
+  out[n, y, x, o] = sum over (dy, z, c) of xp[n, y + dy, z, c] * T[dy, z, c, x, o], with
+  xp the padded input and T = :func:`band_matrix`. The kh row shifts of xp are stacked
+  on a new axis after H, (N, H_out, kh, W_pad, C): each shift is a copy of whole image
+  rows, and every output row's taps then lie contiguous in memory, so the product reads
+  them as one (N * H_out, kh * W_pad * C) matrix and writes (N, H_out, W_out, C_out) in
+  place, with no transposes. Equal to ``lax.conv_general_dilated`` with window strides 1
   and these (non-negative) pads, up to float rounding.
   """
-  kh, kw, cin, _ = kernel.shape
+  kh, kw, cin, cout = kernel.shape
   (top, bottom), (left, right) = pads
   xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  h_out = xp.shape[1] - kh + 1
-  w_out = xp.shape[2] - kw + 1
-  shifted = jnp.concatenate([xp[:, :, dx:dx + w_out, :] for dx in range(kw)], axis=-1)
-  return jnp.einsum("yzko,nzxk->nyxo", band_matrix(kernel, h_out), shifted,
-                    precision=precision, preferred_element_type=preferred_element_type)
+  n, h_pad, w_pad, _ = xp.shape
+  h_out, w_out = h_pad - kh + 1, w_pad - kw + 1
+  shifted = jnp.stack([xp[:, dy:dy + h_out] for dy in range(kh)], axis=2)
+  band = band_matrix(kernel, w_out).reshape(kh * w_pad * cin, w_out * cout)
+  out = lax.dot_general(shifted.reshape(n * h_out, kh * w_pad * cin), band,
+                        (((1,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=preferred_element_type)
+  return out.reshape(n, h_out, w_out, cout)
 
 
 def banded_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attention_flax.layers.common import accumulation_dtype
+
 Array = jax.Array
 
 
@@ -156,30 +158,51 @@ class TorchBatchNorm(nn.Module):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def extrema(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
   """``(jnp.max(x, axes), jnp.min(x, axes))`` with the same derivatives (shared equally
-  among tied entries), whose reverse mode keeps only ``x`` and the two results: JAX's own
-  rule for ``jnp.max`` stores a full-size array marking the maxima, here they are found
-  again from ``x`` in the backward pass, where a batch norm's gradient reads ``x`` anyway.
+  among tied entries), whose reverse mode keeps only ``x``, the two results and how many
+  entries tie for each: JAX's own rule for ``jnp.max`` stores a full-size array marking
+  the maxima. The forward pass counts the ties (on CPU in one fused pass over ``x`` for
+  both extremes); the backward pass marks the extremes again element by element, in the
+  pass where a batch norm's gradient reads ``x`` anyway, with no reduction of its own.
   Being a ``jax.custom_vjp``, it has no forward mode (``jax.jvp``, ``jax.jacfwd``): a
   CBAM ResNet differentiated that way needs ``fold_gate=False`` (and a plain ``nn.Conv``,
   see ``attention_flax.conv``)."""
   return jnp.max(x, axis=axes), jnp.min(x, axis=axes)
 
 
+def _tie_counts_fused(x: Array, top: Array, bottom: Array,
+                      axes: tuple[int, ...]) -> tuple[Array, Array]:
+  # One variadic reduction, which XLA:CPU fuses with the comparisons; two plain sums would
+  # each go to its reduction library, which needs the comparison written out first.
+  acc = accumulation_dtype(x.dtype)
+  zero = jnp.zeros((), acc)
+  hits = tuple((x == jnp.expand_dims(v, axes)).astype(acc) for v in (top, bottom))
+  return jax.lax.reduce(hits, (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
+
+
+def _tie_counts_plain(x: Array, top: Array, bottom: Array,
+                      axes: tuple[int, ...]) -> tuple[Array, Array]:
+  acc = accumulation_dtype(x.dtype)
+  return tuple(jnp.sum(x == jnp.expand_dims(v, axes), axis=axes, dtype=acc)
+               for v in (top, bottom))
+
+
 def _extrema_fwd(x, axes):
   top, bottom = extrema(x, axes)
-  return (top, bottom), (x, top, bottom)
+  counts = jax.lax.platform_dependent(
+      x, top, bottom, cpu=functools.partial(_tie_counts_fused, axes=axes),
+      default=functools.partial(_tie_counts_plain, axes=axes))
+  return (top, bottom), (x, top, bottom, *counts)
 
 
 def _extrema_bwd(axes, residuals, cotangents):
-  x, top, bottom = residuals
-  d_top, d_bottom = cotangents
-  grads = []
-  for value, d in ((top, d_top), (bottom, d_bottom)):
-    value, d = jnp.expand_dims(value, axes), jnp.expand_dims(d, axes)
-    hit = x == value
-    count = jnp.sum(hit, axis=axes, keepdims=True, dtype=x.dtype)
-    grads.append(jnp.where(hit, d / count, jnp.zeros((), x.dtype)))
-  return (grads[0] + grads[1],)
+  x, top, bottom, top_count, bottom_count = residuals
+  zero = jnp.zeros((), x.dtype)
+  grad = zero
+  for value, count, d in ((top, top_count, cotangents[0]),
+                          (bottom, bottom_count, cotangents[1])):
+    share = jnp.expand_dims((d.astype(count.dtype) / count).astype(x.dtype), axes)
+    grad = grad + jnp.where(x == jnp.expand_dims(value, axes), share, zero)
+  return (grad,)
 
 
 extrema.defvjp(_extrema_fwd, _extrema_bwd)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_flax.layers.norm import TorchBatchNorm, affine_max
+from attention_flax.layers import norm
+from attention_flax.layers.norm import TorchBatchNorm, affine_max, extrema
 
 KEY = jax.random.key(0)
 
@@ -152,3 +153,36 @@ def test_affine_max_has_the_derivatives_of_the_maximum_ties_included(mul):
   np.testing.assert_allclose(
       jax.jvp(lambda m: folded(m, x), (mul,), (jnp.ones(4),))[1],
       jax.jvp(lambda m: layered(m, x), (mul,), (jnp.ones(4),))[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_extrema_derivatives_share_ties_like_jnp_max_and_min(dtype):
+  # Small integers tie often: several maxima and minima per slice, and in one slice every
+  # entry ties (max == min), where both cotangents reach every entry.
+  x = jax.random.randint(KEY, (3, 5, 6, 4), -2, 3).astype(dtype)
+  x = x.at[1, :, :, 2].set(1)
+  axes = (1, 2)
+
+  def plain(x):
+    return jnp.max(x, axis=axes), jnp.min(x, axis=axes)
+
+  d = tuple(jax.random.normal(jax.random.key(i), (3, 4)).astype(dtype) for i in (1, 2))
+  (want, want_vjp), (got, got_vjp) = jax.vjp(plain, x), jax.vjp(lambda x: extrema(x, axes), x)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.float32(got_vjp(d)[0]), np.float32(want_vjp(d)[0]), atol=tol)
+  assert int(jnp.sum(x == jnp.max(x, axis=axes, keepdims=True))) > 3 * 4  # ties exist
+
+
+def test_extrema_tie_counts_agree_on_every_backend_path():
+  # The CPU path's one fused reduction and the other backends' two sums.
+  x = jax.random.randint(KEY, (2, 7, 3, 5), 0, 3).astype(jnp.float32)
+  axes = (1, 2)
+  top, bottom = jnp.max(x, axis=axes), jnp.min(x, axis=axes)
+  fused = norm._tie_counts_fused(x, top, bottom, axes)
+  plain = norm._tie_counts_plain(x, top, bottom, axes)
+  for f, p, v in zip(fused, plain, (top, bottom)):
+    want = jnp.sum(x == v[:, None, None, :], axis=axes)
+    np.testing.assert_array_equal(f, want)
+    np.testing.assert_array_equal(p, want)

@@ -186,3 +186,12 @@ def test_extrema_tie_counts_agree_on_every_backend_path():
     want = jnp.sum(x == v[:, None, None, :], axis=axes)
     np.testing.assert_array_equal(f, want)
     np.testing.assert_array_equal(p, want)
+
+
+def test_extrema_shares_among_many_ties():
+  # 400 tied entries in one slice (a dead channel's constant map), each gets 1/400.
+  x = jnp.zeros((1, 20, 20, 2)).at[..., 1].set(jnp.arange(400.0).reshape(20, 20))
+  _, pullback = jax.vjp(lambda x: extrema(x, (1, 2)), x)
+  (grad,) = pullback((jnp.ones((1, 2)), jnp.zeros((1, 2))))
+  np.testing.assert_allclose(grad[..., 0], np.full((1, 20, 20), 1 / 400), rtol=1e-6)
+  assert float(grad[0, 19, 19, 1]) == 1.0 and float(jnp.sum(grad[..., 1])) == 1.0

@@ -84,9 +84,10 @@ def test_residual_chain_is_not_recomputed_on_cpu():
                              jax.jit(_residual_chain(lambda v: v))(kernels, x), rtol=1e-6)
 
 
-def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
-  model = resnet.ResNet(stage_sizes=(4,), block=resnet.Bottleneck, widths=(8,),
-                        num_classes=3)
+def _model_loss(model):
+  """(a squared-logits loss, the model's parameters) for a training step of ``model`` on
+  a fixed 16 x 16 batch. Each test differentiates it afresh after a monkeypatch: jit
+  caches what it traced per function object."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
   variables = model.init(jax.random.PRNGKey(1), x)
 
@@ -95,9 +96,15 @@ def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
                             mutable=["batch_stats"])
     return jnp.sum(logits ** 2)
 
-  fenced = _widest_fusion(jax.grad(loss), variables["params"])
+  return loss, variables["params"]
+
+
+def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
+  loss, params = _model_loss(resnet.ResNet(stage_sizes=(4,), block=resnet.Bottleneck,
+                                           widths=(8,), num_classes=3))
+  fenced = _widest_fusion(jax.grad(loss), params)
   monkeypatch.setattr(resnet, "materialize", lambda v: v)
-  plain = _widest_fusion(jax.grad(loss), variables["params"])
+  plain = _widest_fusion(jax.grad(loss), params)
   assert fenced < plain, (fenced, plain)
 
 
@@ -105,21 +112,13 @@ def test_cbam_channel_gated_map_is_materialized(monkeypatch):
   # A folded CBAM block's spatial gate reads the channel-gated map in its pools, its
   # product and their gradients; left to fusion, each of those fusions re-derives the map
   # from the convolution's output, the norm's scale and shift and the gate.
-  model = resnet.ResNet(stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,),
-                        num_classes=3, attn="cbam")
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
-
-  def loss(params):
-    logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                            mutable=["batch_stats"])
-    return jnp.sum(logits ** 2)
-
-  grad = jax.jit(jax.grad(loss))(variables["params"])
-  fenced = _widest_fusion(jax.grad(loss), variables["params"])
+  loss, params = _model_loss(resnet.ResNet(stage_sizes=(2,), block=resnet.BasicBlock,
+                                           widths=(8,), num_classes=3, attn="cbam"))
+  fenced_values = jax.jit(jax.grad(loss))(params)
+  fenced = _widest_fusion(jax.grad(loss), params)
   monkeypatch.setattr(resnet, "materialize", lambda v: v)
-  plain = _widest_fusion(jax.grad(loss), variables["params"])
+  plain = _widest_fusion(jax.grad(loss), params)
   assert fenced < plain, (fenced, plain)
   # The identity in value: the same gradients either way.
-  chex.assert_trees_all_close(grad, jax.jit(jax.grad(loss))(variables["params"]),
-                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
+                              atol=1e-6)

@@ -14,6 +14,7 @@ from jax import lax
 
 from attention_flax import conv
 from attention_flax.fusion import materialize
+from attention_flax.layers import hybrid
 from attention_flax.models import resnet
 
 SPECIALS = [[0.0, -0.0, 1.5, -2.25, 1.0], [np.inf, -np.inf, np.nan, 6.0e4, -3.0e-3]]
@@ -120,5 +121,19 @@ def test_cbam_channel_gated_map_is_materialized(monkeypatch):
   plain = _widest_fusion(jax.grad(loss), params)
   assert fenced < plain, (fenced, plain)
   # The identity in value: the same gradients either way.
+  chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_cbam_layer_materializes_its_channel_gated_map(monkeypatch):
+  # The layer itself (unfolded, as in a user's model) does the same for its spatial gate.
+  loss, params = _model_loss(resnet.ResNet(stage_sizes=(2,), block=resnet.BasicBlock,
+                                           widths=(8,), num_classes=3, attn="cbam",
+                                           fold_gate=False))
+  fenced_values = jax.jit(jax.grad(loss))(params)
+  fenced = _widest_fusion(jax.grad(loss), params)
+  monkeypatch.setattr(hybrid, "materialize", lambda v: v)
+  plain = _widest_fusion(jax.grad(loss), params)
+  assert fenced < plain, (fenced, plain)
   chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
                               atol=1e-6)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from attention_flax.fusion import materialize
 from attention_flax.layers.channel import ChannelMlp
 from attention_flax.layers.common import check_images, get_act, mean_and_max, reduced_width
 from attention_flax.layers.norm import TorchBatchNorm
@@ -127,7 +128,9 @@ class CBAM(nn.Module):
       return channel(x, train, pooled=pooled)
     check_images(x, type(self).__name__)
     if not channel_gated:
-      x = channel(x, train)
+      # The channel-gated map is read by the spatial gate's pools, its product and their
+      # gradients: written once on CPU rather than recomputed in each (attention_flax.fusion).
+      x = materialize(channel(x, train))
     return SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
                             use_bn=self.spatial_bn, norm=self.norm, gate=self.gate,
                             dtype=self.dtype, param_dtype=self.param_dtype,

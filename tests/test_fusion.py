@@ -100,40 +100,33 @@ def _model_loss(model):
   return loss, variables["params"]
 
 
-def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
-  loss, params = _model_loss(resnet.ResNet(stage_sizes=(4,), block=resnet.Bottleneck,
-                                           widths=(8,), num_classes=3))
+def _check_fence(monkeypatch, module, loss, params):
+  """The widest fusion of loss's gradient is narrower with ``module.materialize`` than
+  with the identity in its place, and the gradients are the same either way."""
+  fenced_values = jax.jit(jax.grad(loss))(params)
   fenced = _widest_fusion(jax.grad(loss), params)
-  monkeypatch.setattr(resnet, "materialize", lambda v: v)
+  monkeypatch.setattr(module, "materialize", lambda v: v)
   plain = _widest_fusion(jax.grad(loss), params)
   assert fenced < plain, (fenced, plain)
+  chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
+  _check_fence(monkeypatch, resnet, *_model_loss(resnet.ResNet(
+      stage_sizes=(4,), block=resnet.Bottleneck, widths=(8,), num_classes=3)))
 
 
 def test_cbam_channel_gated_map_is_materialized(monkeypatch):
   # A folded CBAM block's spatial gate reads the channel-gated map in its pools, its
   # product and their gradients; left to fusion, each of those fusions re-derives the map
   # from the convolution's output, the norm's scale and shift and the gate.
-  loss, params = _model_loss(resnet.ResNet(stage_sizes=(2,), block=resnet.BasicBlock,
-                                           widths=(8,), num_classes=3, attn="cbam"))
-  fenced_values = jax.jit(jax.grad(loss))(params)
-  fenced = _widest_fusion(jax.grad(loss), params)
-  monkeypatch.setattr(resnet, "materialize", lambda v: v)
-  plain = _widest_fusion(jax.grad(loss), params)
-  assert fenced < plain, (fenced, plain)
-  # The identity in value: the same gradients either way.
-  chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
-                              atol=1e-6)
+  _check_fence(monkeypatch, resnet, *_model_loss(resnet.ResNet(
+      stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,), num_classes=3, attn="cbam")))
 
 
 def test_cbam_layer_materializes_its_channel_gated_map(monkeypatch):
   # The layer itself (unfolded, as in a user's model) does the same for its spatial gate.
-  loss, params = _model_loss(resnet.ResNet(stage_sizes=(2,), block=resnet.BasicBlock,
-                                           widths=(8,), num_classes=3, attn="cbam",
-                                           fold_gate=False))
-  fenced_values = jax.jit(jax.grad(loss))(params)
-  fenced = _widest_fusion(jax.grad(loss), params)
-  monkeypatch.setattr(hybrid, "materialize", lambda v: v)
-  plain = _widest_fusion(jax.grad(loss), params)
-  assert fenced < plain, (fenced, plain)
-  chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
-                              atol=1e-6)
+  _check_fence(monkeypatch, hybrid, *_model_loss(resnet.ResNet(
+      stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,), num_classes=3, attn="cbam",
+      fold_gate=False)))

@@ -31,7 +31,8 @@ The bottleneck blocks of ``attention_flax.models.resnet`` materialize their outp
 112 were 1.01-1.08x faster, CBAM-ResNet-50's within the noise (``docs/benchmarks.md``).
 Basic blocks (ResNet-20, -56 and -34 tried) and the Residual Attention Network's units
 measured the same with and without it, and are left alone. Blocks with a folded CBAM
-(both kinds) also materialize the channel-gated map that their spatial gate reads.
+(both kinds), and the ``CBAM`` layer itself, materialize the channel-gated map that the
+spatial gate reads.
 """
 
 from __future__ import annotations

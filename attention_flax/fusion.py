@@ -30,9 +30,8 @@ The bottleneck blocks of ``attention_flax.models.resnet`` materialize their outp
 2-core AMD EPYC (AVX2) machine the training steps of ResNet-50 and SE-ResNet-50 at 112 x
 112 were 1.01-1.08x faster, CBAM-ResNet-50's within the noise (``docs/benchmarks.md``).
 Basic blocks (ResNet-20, -56 and -34 tried) and the Residual Attention Network's units
-measured the same with and without it, and are left alone. Blocks with a folded CBAM
-(both kinds), and the ``CBAM`` layer itself, materialize the channel-gated map that the
-spatial gate reads.
+measured the same with and without it, and are left alone. The ``CBAM`` layer
+materializes the channel-gated map that its spatial gate reads, folded into a block or not.
 """
 
 from __future__ import annotations

@@ -121,12 +121,12 @@ def test_cbam_channel_gated_map_is_materialized(monkeypatch):
   # A folded CBAM block's spatial gate reads the channel-gated map in its pools, its
   # product and their gradients; left to fusion, each of those fusions re-derives the map
   # from the convolution's output, the norm's scale and shift and the gate.
-  _check_fence(monkeypatch, resnet, *_model_loss(resnet.ResNet(
+  _check_fence(monkeypatch, hybrid, *_model_loss(resnet.ResNet(
       stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,), num_classes=3, attn="cbam")))
 
 
 def test_cbam_layer_materializes_its_channel_gated_map(monkeypatch):
-  # The layer itself (unfolded, as in a user's model) does the same for its spatial gate.
+  # Unfolded, as in a user's model: the layer gates the channels itself.
   _check_fence(monkeypatch, hybrid, *_model_loss(resnet.ResNet(
       stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,), num_classes=3, attn="cbam",
       fold_gate=False)))

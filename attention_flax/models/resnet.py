@@ -235,13 +235,8 @@ class ResidualBlock(nn.Module):
       gate = attention(None, train=train, pooled=pools if with_max else pools[0])
       gate = gate.astype(jnp.float32)
       y = (y * (mul * gate) + add * gate).astype(out_dtype)
-      if with_max:
-        # CBAM: the channel-gated map is its spatial gate's input, read by the pools over
-        # the channels, the spatial product and their gradients. Written once on CPU
-        # instead of recomputed inside each of them (attention_flax.fusion): the pools'
-        # reduction ran twice as fast, and a CBAM-ResNet-20 step's XLA time fell 2.4%
-        # (docs/benchmarks.md).
-        y = attention(materialize(y), train=train, channel_gated=True)
+      if with_max:  # CBAM: the gated map, written once, is its spatial gate's input
+        y = attention(y, train=train, channel_gated=True)
     else:
       y = bn(y)
       if attention is not None:

@@ -34,6 +34,8 @@ class ConvTest(parameterized.TestCase):
       ((4, 9, 8, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # odd/even, stride 2
       ((3, 8, 8, 4), (1, 1, 4, 6), (1, 1), ((0, 0), (0, 0))),  # 1x1
       ((3, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),  # strided 1x1 shortcut
+      ((2, 7, 9, 3), (1, 1, 3, 5), (2, 3), "VALID"),  # strided 1x1, odd sizes
+      ((2, 7, 9, 3), (1, 1, 3, 5), (3, 1), "SAME"),
       ((2, 15, 15, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),  # ResNet stem
       ((5, 7, 6, 2), (2, 3, 2, 3), (1, 2), ((0, 1), (2, 0))),  # asymmetric everything
       ((7, 6, 6, 2), (3, 3, 2, 2), (1, 1), "SAME"),  # prime batch: one image per chunk
@@ -134,9 +136,13 @@ class ConvTest(parameterized.TestCase):
     # The bias gradient is flax's own; the kernel gradient went through the patches.
     assert np.abs(np.asarray(g_fast["params"]["kernel"])).max() > 1e-3
 
-  def test_vmap_and_second_order(self):
-    x, k = _random((2, 6, 6, 2), (3, 3, 2, 2))
-    f = lambda c: functools.partial(_loss, c, strides=(1, 1), padding="SAME")
+  @parameterized.parameters(
+      ((3, 3, 2, 2), (1, 1), "SAME"),
+      ((1, 1, 2, 3), (2, 2), "VALID"),  # strided 1x1: strided_1x1 on CPU
+  )
+  def test_vmap_and_second_order(self, k_shape, strides, padding):
+    x, k = _random((2, 6, 6, 2), k_shape)
+    f = lambda c: functools.partial(_loss, c, strides=strides, padding=padding)
     # Per-example kernel gradients under vmap.
     per_ours = jax.vmap(jax.grad(lambda x1, k: f(conv.conv_general_dilated)(x1[None], k),
                                  argnums=1), in_axes=(0, None))(x, k)
@@ -206,6 +212,34 @@ def test_1x1_kernel_gradient_is_one_product_at_any_size():
   assert "transpose" in theirs  # the route it replaces, so that this can fail
   np.testing.assert_allclose(jax.jit(kernel_grad(conv.conv_general_dilated))(x, k),
                              kernel_grad(lax.conv_general_dilated)(x, k), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_1x1_against_a_hand_sum():
+  x, k = _random((2, 7, 6, 3), (1, 1, 3, 4))
+  want = np.einsum("npqc,co->npqo", np.asarray(x)[:, ::2, ::3, :], np.asarray(k)[0, 0])
+  got = conv.strided_1x1(x, k, (2, 3))
+  assert got.shape == (2, 4, 2, 4)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  half = conv.strided_1x1(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), (2, 3))
+  assert half.dtype == jnp.bfloat16  # as lax's convolution returns
+  np.testing.assert_allclose(np.asarray(half, np.float32), want, rtol=0.05, atol=0.05)
+
+
+def test_strided_1x1_layer_trains_without_convolutions():
+  # ResNet-50's downsampling shortcut: forward and both gradients are matrix products on
+  # CPU; lax's route is a strided convolution and an input-dilated one.
+  x, k = _random((2, 14, 14, 8), (1, 1, 8, 16))
+
+  def grads(conv_fn):
+    return jax.value_and_grad(functools.partial(_loss, conv_fn, strides=(2, 2),
+                                                padding="VALID"), argnums=(0, 1))
+
+  ours, theirs = (_opcodes(grads(f), x, k)
+                  for f in (conv.conv_general_dilated, lax.conv_general_dilated))
+  assert "dot" in ours and "convolution" not in ours
+  assert "convolution" in theirs  # the route it replaces, so that this can fail
+  chex.assert_trees_all_close(jax.jit(grads(conv.conv_general_dilated))(x, k),
+                              grads(lax.conv_general_dilated)(x, k), rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------- CPU compiler options

@@ -230,11 +230,8 @@ def strided_1x1(x: Array, k: Array, strides: Sequence[int], precision: Any = Non
   windows see, (N * H_out * W_out, C_in), times the (C_in, C_out) kernel, one matrix
   product. Plain JAX, so its derivatives are JAX's own and every transformation works:
   the input gradient is the output gradient times the transposed kernel, written into a
-  zero map at the strided positions, and the kernel gradient one product over the pixels.
-  XLA:CPU already multiplies stride-1 1 x 1 convolutions so; with strides (ResNet-50's
-  downsampling shortcuts) it ran a convolution kernel forward, at about 44 GFLOP/s on an
-  AVX-512 core against 63-79 for the product, and an input-dilated convolution for the
-  input gradient (docs/benchmarks.md).
+  zero map at the strided positions, and the kernel gradient one product over the pixels
+  (why on CPU: module docstring and docs/benchmarks.md).
   """
   n, h, w, cin = x.shape
   cout = k.shape[3]

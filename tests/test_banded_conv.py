@@ -146,3 +146,31 @@ def test_cbam_spatial_gate_takes_the_banded_route():
   _, state = module.apply(variables, x, mutable=["intermediates"])
   mask = state["intermediates"]["spatial_mask"][0]
   np.testing.assert_allclose(mask, jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-6)
+
+
+def _lowered_ops(fn, platform, *args):
+  """The StableHLO text of ``jit(fn)`` lowered for ``platform``; no such device needed."""
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform, banded", [
+    ("cpu", True), ("cuda", True), ("rocm", False), ("tpu", False)])
+def test_band_is_lowered_for_cpu_and_cuda_only(platform, banded):
+  # On an H200 the product made CBAM-ResNet-50's bf16 steps 1.05x faster than cuDNN's
+  # convolution; ROCm and TPU are unmeasured and keep XLA's.
+  x, k = _random((2, 8, 8, 2), (7, 7, 2, 1))
+  loss = functools.partial(_loss, conv.banded_conv_general_dilated, strides=(1, 1),
+                           padding=((3, 3), (3, 3)))
+  text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), platform, x, k)
+  assert ("stablehlo.convolution" in text) != banded
+  assert ("stablehlo.dot_general" in text) == banded
+
+
+def test_cbam_spatial_gate_on_cuda_has_no_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6), jnp.bfloat16)
+  module = SpatialAttention(dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(1), x)
+  loss = lambda v, x: jnp.sum(module.apply(v, x).astype(jnp.float32) ** 2)
+  text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), "cuda", variables, x)
+  assert "stablehlo.convolution" not in text
+  assert "stablehlo.dot_general" in text

@@ -304,6 +304,9 @@ def kernel_grad_by_patches(x: Array, g: Array, kernel_shape: Sequence[int],
 MAX_BANDED_TAPS = 32
 MAX_BANDED_OUTPUTS = 1
 MAX_BANDED_WIDTH = 256
+# The backends where the band replaces XLA's convolution by default (the module docstring
+# gives the measurements); ROCm and TPU were not measured.
+BAND_PLATFORMS = ("cpu", "cuda")
 
 
 def uses_band(lhs_shape: Sequence[int], rhs_shape: Sequence[int]) -> bool:
@@ -354,14 +357,17 @@ def banded_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence
                                 rhs_dilation: Sequence[int] | None = None,
                                 dimension_numbers: Any = None, feature_group_count: int = 1,
                                 batch_group_count: int = 1, precision: Any = None,
-                                preferred_element_type: Any = None) -> Array:
+                                preferred_element_type: Any = None, *,
+                                platforms: Sequence[str] | None = BAND_PLATFORMS) -> Array:
   """``lax.conv_general_dilated`` that runs few-channel, stride-1 convolutions as a banded
   matrix product on CPU and CUDA GPUs (:func:`banded_conv`; module docstring).
 
   Same arguments and result as ``lax.conv_general_dilated``. The banded path takes a 2-D
   NHWC x HWIO convolution with unit strides, no dilation, one group, non-negative padding
-  and a kernel for which :func:`uses_band` holds, on CPU and CUDA; everything else, and
-  every other backend (TPU, ROCm: unmeasured), is ``lax.conv_general_dilated``.
+  and a kernel for which :func:`uses_band` holds, on the backends in ``platforms``
+  (default :data:`BAND_PLATFORMS`, CPU and CUDA; ``None``: every backend, chosen without
+  ``lax.platform_dependent``); everything else, and every other backend, is
+  ``lax.conv_general_dilated``.
   """
   def plain(lhs, rhs):
     return lax.conv_general_dilated(
@@ -383,9 +389,13 @@ def banded_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence
 
   def band(lhs, rhs):
     return banded_conv(lhs, rhs, pads, precision, preferred_element_type).astype(
-        plain(lhs, rhs).dtype)
+        jax.eval_shape(plain, lhs, rhs).dtype)
 
-  return lax.platform_dependent(lhs, rhs, cpu=band, cuda=band, default=plain)
+  if platforms is None:
+    return band(lhs, rhs)
+  if not platforms:
+    return plain(lhs, rhs)
+  return lax.platform_dependent(lhs, rhs, default=plain, **dict.fromkeys(platforms, band))
 
 
 # XLA:CPU's library fusions left to YNNPACK: dots and reductions. Its convolutions ran about

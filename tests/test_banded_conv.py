@@ -13,6 +13,7 @@ import pytest
 from jax import lax
 
 from attention_flax import conv
+from attention_flax.layers.hybrid import CBAM
 from attention_flax.layers.spatial import SpatialAttention
 from tests.conv_helpers import NHWC, conv_loss, random_pair
 
@@ -174,3 +175,47 @@ def test_cbam_spatial_gate_on_cuda_has_no_convolution():
   text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), "cuda", variables, x)
   assert "stablehlo.convolution" not in text
   assert "stablehlo.dot_general" in text
+
+
+@pytest.mark.parametrize("platforms, platform, banded", [
+    (None, "tpu", True), (None, "cpu", True), ((), "cpu", False), (("tpu",), "tpu", True),
+    (("tpu",), "cpu", False)])
+def test_platforms_argument_chooses_the_backends(platforms, platform, banded):
+  x, k = _random((2, 8, 8, 2), (7, 7, 2, 1))
+  loss = functools.partial(_loss, functools.partial(conv.banded_conv_general_dilated,
+                                                    platforms=platforms),
+                           strides=(1, 1), padding=((3, 3), (3, 3)))
+  assert ("platform_index" in _primitives(loss, x, k)) == bool(platforms)
+  text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), platform, x, k)
+  assert ("stablehlo.convolution" in text) != banded
+  want = jax.grad(functools.partial(_loss, lax.conv_general_dilated, strides=(1, 1),
+                                    padding=((3, 3), (3, 3))), argnums=(0, 1))(x, k)
+  got = jax.grad(loss, argnums=(0, 1))(x, k)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=4e-6 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("layer", ["spatial", "cbam"])
+@pytest.mark.parametrize("impl, platform, banded", [
+    ("auto", "cuda", True), ("auto", "tpu", False), ("band", "tpu", True),
+    ("xla", "cpu", False), ("xla", "cuda", False)])
+def test_conv_impl_of_the_spatial_gate(layer, impl, platform, banded):
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  make = SpatialAttention if layer == "spatial" else CBAM
+  module = make(conv_impl=impl)
+  variables = module.init(jax.random.key(1), x)
+  loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+  text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), platform, variables, x)
+  assert ("stablehlo.convolution" in text) != banded
+  # Every choice gives the mask and gradients of the default, up to float rounding.
+  reference = make()
+  chex.assert_trees_all_close(jax.grad(loss, argnums=(0, 1))(variables, x),
+                              jax.grad(lambda v, x: jnp.sum(jnp.sin(reference.apply(v, x))),
+                                       argnums=(0, 1))(variables, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [SpatialAttention, CBAM])
+def test_unknown_conv_impl_names_the_choices(make):
+  x = jnp.zeros((1, 8, 8, 16))
+  with pytest.raises(ValueError, match=r"conv_impl must be one of \['auto', 'band', 'xla'\]"):
+    make(conv_impl="cudnn").init(jax.random.key(0), x)

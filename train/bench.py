@@ -19,7 +19,9 @@ resnet50d, {se,cbam,eca}_resnetNN -> resnetNN, test_resnet_tiny_X -> test_resnet
 Residual Attention Networks have no plain twin (overhead null). ``--unfolded`` adds, after
 each SE / ECA / CBAM ResNet, the same model with ``fold_gate=False`` (the gate applied
 after the block's last batch norm instead of folded into it), compared with the same
-backbone.
+backbone. ``--xla_spatial_conv`` adds, after each model with a CBAM or spatial gate, the
+same model with that gate's convolution as XLA's on every backend (``conv_impl="xla"``;
+the default runs it as a banded product on CPU and CUDA).
 ``--profile`` then traces ``--profile_steps`` more steps of each model and sums the XLA
 operations by kind and name (``train/bench_profile.py``); ``--pipeline`` measures the input
 pipeline on ``--data`` (``train/bench_pipeline.py``), ``--sampler`` the STN sampler
@@ -41,7 +43,8 @@ JSON (``--out``): a list of objects, each with ``kind``:
     with: on CPU ``attention_flax.conv.cpu_compiler_options()``, as ``python -m train``;
     ``{}`` with ``--xla_defaults`` or on other backends).
   "model": model, model_kwargs (``{}``, or ``{"fold_gate": false}`` for the extra rows of
-    ``--unfolded``), batch, image_shape, dtype, num_classes, params, step_time_median_s,
+    ``--unfolded``, ``{"attn_kwargs": {..., "conv_impl": "xla"}}`` for those of
+    ``--xla_spatial_conv``), batch, image_shape, dtype, num_classes, params, step_time_median_s,
     step_time_min_s, step_time_max_s, images_per_second, compile_time_s (lower + compile),
     peak_memory_bytes, peak_memory_source ("device_peak_bytes_in_use", or
     "process_peak_rss", the whole process's peak so far, cumulative over models),
@@ -211,6 +214,22 @@ def folds_gate(name: str) -> bool:
               or getattr(attn, "gates_from_mean_and_max", False))
 
 
+def spatial_conv_kwargs(name: str) -> dict[str, Any] | None:
+  """The model_kwargs that give the registered model ``name`` XLA's convolution in its
+  CBAM or spatial gate (``conv_impl="xla"``), or None when it has no such gate."""
+  from attention_flax import models
+  from attention_flax.layers import ATTENTIONS
+  model = models.create_model(name, num_classes=10)
+  attn = getattr(model, "attn", None)
+  if isinstance(attn, str):
+    attn = ATTENTIONS.get(attn.lower())
+  attn = getattr(attn, "func", attn)
+  if "conv_impl" not in getattr(attn, "__dataclass_fields__", {}):
+    return None
+  return {"attn_kwargs": {**dict(getattr(model, "attn_kwargs", None) or {}),
+                          "conv_impl": "xla"}}
+
+
 def _progress(message: str) -> None:
   """A line on stderr as each model is ready: long runs show where they are."""
   print(f"train.bench: {message}", file=sys.stderr, flush=True)
@@ -228,7 +247,8 @@ def _interleave(steps: Sequence[Any], warmup: int, repeats: int) -> None:
 def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: str,
                  warmup: int, repeats: int, against: str | None,
                  compiler_options: dict[str, Any],
-                 unfolded: bool = False, profile_steps: int = 0) -> list[dict[str, Any]]:
+                 unfolded: bool = False, xla_spatial_conv: bool = False,
+                 profile_steps: int = 0) -> list[dict[str, Any]]:
   """One "model" row per name (backbones added); see the module docstring."""
   names = list(dict.fromkeys(names))
   for name in list(names):
@@ -240,6 +260,8 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
     variants.append((name, {}))
     if unfolded and folds_gate(name):
       variants.append((name, {"fold_gate": False}))
+    if xla_spatial_conv and (kwargs := spatial_conv_kwargs(name)):
+      variants.append((name, kwargs))
   ours, rows = [], []
   for name, kwargs in variants:
     step = OurStep(name, batch, size, dtype, compiler_options=compiler_options,
@@ -376,6 +398,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--unfolded", action="store_true",
                  help="also run each SE/ECA ResNet with fold_gate=False (gate applied after "
                       "the last batch norm, not folded into it)")
+  p.add_argument("--xla_spatial_conv", action="store_true",
+                 help="also run each model with a CBAM or spatial gate with that gate's "
+                      "convolution as XLA's (conv_impl='xla')")
   p.add_argument("--xla_defaults", action="store_true",
                  help="compile with XLA's default options, not the trainer's CPU options")
   p.add_argument("--convs", action="store_true",
@@ -430,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_rows = bench_models(names, batch=args.batch, size=args.size, dtype=args.dtype,
                               warmup=args.warmup, repeats=args.repeats, against=args.against,
                               compiler_options=options, unfolded=args.unfolded,
+                              xla_spatial_conv=args.xla_spatial_conv,
                               profile_steps=args.profile_steps if args.profile else 0)
     rows += model_rows
     if args.sampler:

@@ -98,6 +98,9 @@ class CBAM(nn.Module):
   only the spatial gate to an ``x`` the caller has already scaled by it. A ResNet block
   thus computes its last batch norm, the pools and the channel gate without writing the
   normalised map (``fold_gate``).
+
+  ``conv_impl`` chooses how the spatial gate's convolution runs (see
+  :class:`SpatialAttention`; ``"auto"``, the default, is the fastest measured).
   """
   gates_from_mean_and_max: ClassVar[bool] = True
   rd_ratio: float = 1.0 / 16
@@ -110,6 +113,7 @@ class CBAM(nn.Module):
   mlp_bias: bool = False
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
+  conv_impl: str = "auto"
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -136,8 +140,8 @@ class CBAM(nn.Module):
     x = materialize(x)
     return SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
                             use_bn=self.spatial_bn, norm=self.norm, gate=self.gate,
-                            dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="spatial")(x, train)
+                            conv_impl=self.conv_impl, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="spatial")(x, train)
 
 
 _FUSIONS = ("scale", "add", "both")

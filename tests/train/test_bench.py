@@ -117,19 +117,29 @@ def test_folds_gate_names_the_se_eca_and_cbam_resnets():
     assert not bench.folds_gate(name), name
 
 
-def test_unfolded_adds_a_layer_by_layer_row(tmp_path):
-  out = tmp_path / "unfolded.json"
-  rc = bench.main(["--models=test_resnet_tiny_se", "--batch=2", "--warmup=0", "--repeats=1",
-                   "--unfolded", f"--out={out}"])
+@pytest.mark.parametrize("flag, model, kwargs", [
+    ("--unfolded", "test_resnet_tiny_se", {"fold_gate": False}),
+    ("--xla_spatial_conv", "test_resnet_tiny_cbam", {"attn_kwargs": {"conv_impl": "xla"}})])
+def test_variant_flags_add_a_row_after_the_model(tmp_path, flag, model, kwargs):
+  out = tmp_path / "variant.json"
+  rc = bench.main([f"--models={model}", "--batch=2", "--warmup=0", "--repeats=1", flag,
+                   f"--out={out}"])
   assert rc == 0
   rows = [r for r in json.loads(out.read_text()) if r["kind"] == "model"]
   assert [(r["model"], r["model_kwargs"]) for r in rows] == [
-      ("test_resnet_tiny", {}), ("test_resnet_tiny_se", {}),
-      ("test_resnet_tiny_se", {"fold_gate": False})]
+      ("test_resnet_tiny", {}), (model, {}), (model, kwargs)]
+  assert rows[2]["params"] == rows[1]["params"]  # the same model, computed another way
   base = rows[0]["step_time_median_s"]
   for row in rows[1:]:
     assert row["backbone"] == "test_resnet_tiny"
     assert math.isclose(row["overhead_vs_backbone"], row["step_time_median_s"] / base)
+
+
+def test_spatial_conv_kwargs_name_the_models_with_a_spatial_gate():
+  for name in ("cbam_resnet50", "cbam_resnet20", "sa_resnet50", "test_resnet_tiny_spatial"):
+    assert bench.spatial_conv_kwargs(name) == {"attn_kwargs": {"conv_impl": "xla"}}, name
+  for name in ("resnet50", "seresnet50", "gcresnet50", "attention56", "test_resnet_tiny_coord"):
+    assert bench.spatial_conv_kwargs(name) is None, name
 
 
 def test_profile_sums_the_traced_operations(tmp_path):

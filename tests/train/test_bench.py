@@ -119,7 +119,7 @@ def test_folds_gate_names_the_se_eca_and_cbam_resnets():
 
 @pytest.mark.parametrize("flag, model, kwargs", [
     ("--unfolded", "test_resnet_tiny_se", {"fold_gate": False}),
-    ("--xla_spatial_conv", "test_resnet_tiny_cbam", {"attn_kwargs": {"conv_impl": "xla"}})])
+    ("--xla_spatial_conv", "test_resnet_tiny_spatial", {"attn_kwargs": {"conv_impl": "xla"}})])
 def test_variant_flags_add_a_row_after_the_model(tmp_path, flag, model, kwargs):
   out = tmp_path / "variant.json"
   rc = bench.main([f"--models={model}", "--batch=2", "--warmup=0", "--repeats=1", flag,

@@ -198,18 +198,23 @@ class OurStep:
     return time.perf_counter() - start
 
 
-def folds_gate(name: str) -> bool:
-  """Whether the registered model ``name`` is a ResNet whose blocks fold a channel gate
-  into their last batch norm (``fold_gate``: SE, Effective SE, ECA, CBAM)."""
+def _model_and_attention(name: str) -> tuple[Any, Any]:
+  """The registered model ``name`` and the class of its attention layer (or None)."""
   from attention_flax import models
   from attention_flax.layers import ATTENTIONS
   model = models.create_model(name, num_classes=10)
-  if not hasattr(model, "fold_gate"):
-    return False
   attn = getattr(model, "attn", None)
   if isinstance(attn, str):
     attn = ATTENTIONS.get(attn.lower())
-  attn = getattr(attn, "func", attn)  # a functools.partial of a layer class
+  return model, getattr(attn, "func", attn)  # a functools.partial of a layer class
+
+
+def folds_gate(name: str) -> bool:
+  """Whether the registered model ``name`` is a ResNet whose blocks fold a channel gate
+  into their last batch norm (``fold_gate``: SE, Effective SE, ECA, CBAM)."""
+  model, attn = _model_and_attention(name)
+  if not hasattr(model, "fold_gate"):
+    return False
   return bool(getattr(attn, "gates_from_mean", False)
               or getattr(attn, "gates_from_mean_and_max", False))
 
@@ -217,13 +222,7 @@ def folds_gate(name: str) -> bool:
 def spatial_conv_kwargs(name: str) -> dict[str, Any] | None:
   """The model_kwargs that give the registered model ``name`` XLA's convolution in its
   CBAM or spatial gate (``conv_impl="xla"``), or None when it has no such gate."""
-  from attention_flax import models
-  from attention_flax.layers import ATTENTIONS
-  model = models.create_model(name, num_classes=10)
-  attn = getattr(model, "attn", None)
-  if isinstance(attn, str):
-    attn = ATTENTIONS.get(attn.lower())
-  attn = getattr(attn, "func", attn)
+  model, attn = _model_and_attention(name)
   if "conv_impl" not in getattr(attn, "__dataclass_fields__", {}):
     return None
   return {"attn_kwargs": {**dict(getattr(model, "attn_kwargs", None) or {}),

@@ -62,36 +62,74 @@ def test_scatter_accumulates_colliding_taps():
   np.testing.assert_allclose(ours[1].sum(axis=(1, 2)), cot.sum(axis=(1, 2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("padded, c", [(False, 5), (True, 1), (True, 2)])
 @pytest.mark.parametrize("batch_indices", [True, False])
-def test_cpu_rule_equals_the_autodiff_rule(batch_indices):
+def test_cpu_rule_equals_the_autodiff_rule(batch_indices, padded, c):
   # Both rules of the custom VJP on the same inputs: the one other backends run is checked
   # here too, on CPU. Indices repeat (collisions) and weights include zeros. grid_sample
   # indexes the whole batch; per-image indices serve batches of 2**31 pixels and more.
+  # padded: one index per point, its top-left tap in the zero-padded image (grid_sample's
+  # layout for one channel on CPU); else one clipped index per tap.
   rng = np.random.default_rng(0)
-  n, hw, p, c = 2, 12, 30, 5
-  flat = jnp.asarray(rng.standard_normal((n, hw, c)), jnp.float32)
-  index = jnp.asarray(rng.integers(0, hw, (4, n, p)), jnp.int32)
-  weight = jnp.asarray(rng.uniform(0, 1, (4, n, p)) * (rng.uniform(size=(4, n, p)) > 0.2),
-                       jnp.float32)
-  g = jnp.asarray(rng.standard_normal((n, p, c)), jnp.float32)
-  # dweight by hand: sum_c flat[n, index] * g; dflat by hand: a loop over the taps.
-  hand_dweight = np.einsum("knpc,npc->knp",
-                           np.asarray(flat)[np.arange(n)[None, :, None], index], g)
-  hand_dflat = np.zeros((n, hw, c), np.float32)
-  for k in range(4):
+  n, h, w, p = 2, 3, 4, 30
+  x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+  if padded:
+    rows_per_image = (h + 2) * (w + 2)
+    # Top-left taps anywhere in [-1, H - 1] x [-1, W - 1], i.e. rows 0..H, columns 0..W of
+    # the padded image: some taps fall on the ring.
+    index = rng.integers(0, h + 1, (n, p)) * (w + 2) + rng.integers(0, w + 1, (n, p))
+    taps = [index + offset for offset in (0, 1, w + 2, w + 3)]
+    source = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, rows_per_image, c)
+  else:
+    rows_per_image = h * w
+    taps = [rng.integers(0, h * w, (n, p)) for _ in range(4)]
+    index = tuple(taps)
+    source = x.reshape(n, h * w, c)
+  weight = tuple((rng.uniform(0, 1, (n, p)) * (rng.uniform(size=(n, p)) > 0.2))
+                 .astype(np.float32) for _ in range(4))
+  g = rng.standard_normal((n, p, c)).astype(np.float32)
+  # dweight by hand: sum_c source[n, tap] * g; dx by hand: a loop over the taps.
+  hand_dweight = [np.einsum("npc,npc->np", source[np.arange(n)[:, None], tap], g)
+                  for tap in taps]
+  hand = np.zeros_like(source)
+  for tap, wt in zip(taps, weight):
     for b in range(n):
       for j in range(p):
-        hand_dflat[b, index[k, b, j]] += weight[k, b, j] * g[b, j]
-  args = (flat, index, weight, g)
+        hand[b, tap[b, j]] += wt[b, j] * g[b, j]
+  if padded:
+    hand_dx = hand.reshape(n, h + 2, w + 2, c)[:, 1:-1, 1:-1]
+  else:
+    hand_dx = hand.reshape(n, h, w, c)
+  index = jax.tree.map(lambda i: jnp.asarray(i, jnp.int32), index)
+  weight = tuple(jnp.asarray(wt) for wt in weight)
+  g = jnp.asarray(g)
   if batch_indices:
-    args = (flat.reshape(n * hw, c), (index + hw * jnp.arange(n)[:, None]).reshape(4, -1),
-            weight.reshape(4, -1), g.reshape(n * p, c))
-  cpu = jax.jit(transformer._taps_vjp_cpu)(*args)
-  auto = jax.jit(transformer._taps_vjp_autodiff)(*args)
-  for a, b in zip(cpu, auto):
+    start = rows_per_image * jnp.arange(n, dtype=jnp.int32)[:, None]
+    index = jax.tree.map(lambda i: (i + start).reshape(-1), index)
+    weight = tuple(wt.reshape(-1) for wt in weight)
+    g = g.reshape(n * p, c)
+  args = (jnp.asarray(x), index, weight, g)
+  cpu = jax.jit(functools.partial(transformer._taps_vjp_cpu, padded=padded))(*args)
+  auto = jax.jit(functools.partial(transformer._taps_vjp_autodiff, padded=padded))(*args)
+  for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(auto)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(cpu[0].reshape(n, hw, c), hand_dflat, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(cpu[1].reshape(4, n, p), hand_dweight, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cpu[0], hand_dx, rtol=1e-5, atol=1e-5)
+  for ours, ref in zip(cpu[1], hand_dweight):
+    np.testing.assert_allclose(ours.reshape(n, p), ref, rtol=1e-5, atol=1e-5)
+  if padded:
+    assert np.abs(hand[:, : w + 2]).max() > 0  # some taps did land on the ring
+
+
+@pytest.mark.parametrize("platform, channels, scatters", [
+    ("cpu", 1, 1), ("cpu", 3, 4), ("cuda", 1, 4), ("tpu", 1, 4)])
+def test_one_scatter_for_one_channel_on_cpu_only(platform, channels, scatters):
+  # One channel on CPU: the taps come from the zero-padded image and the input gradient is
+  # one scatter of four values per point. Elsewhere (and with more channels) each tap has
+  # its own index and scatter, as measured on GPUs. Lowering needs no such device.
+  x, grid, cot = _data((2, 5, 6, channels), (4, 7), seed=17)
+  vjp = lambda x, grid, cot: jax.vjp(grid_sample, x, grid)[1](cot)
+  text = jax.jit(vjp).trace(x, grid, cot).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count('"stablehlo.scatter"') == scatters
 
 
 def test_second_order_equals_autodiff():

@@ -298,11 +298,11 @@ def test_affine_grid_gradient_matches_torch(align_corners):
   assert np.abs(dtheta_t.numpy()).min() > 1e-3  # every entry of theta gets a gradient
 
 
-def _sampler_case(seed):
-  """Images (2, 5, 6, 3) and a (2, 4, 7) grid in [-1.6, 1.6]: about a third of the points
-  fall outside the image, where the padding modes differ."""
+def _sampler_case(seed, channels=3):
+  """Images (2, 5, 6, channels) and a (2, 4, 7) grid in [-1.6, 1.6]: about a third of the
+  points fall outside the image, where the padding modes differ."""
   g = torch.Generator().manual_seed(seed)
-  x = torch.randn(2, 3, 5, 6, generator=g)
+  x = torch.randn(2, channels, 5, 6, generator=g)
   grid = 3.2 * torch.rand(2, 4, 7, 2, generator=g) - 1.6
   return x, grid
 
@@ -311,8 +311,9 @@ def _sampler_case(seed):
     "mode, padding_mode, align_corners",
     list(itertools.product(["bilinear", "nearest"], ["zeros", "border", "reflection"],
                            [False, True])))
-def test_grid_sample_values_match_torch(mode, padding_mode, align_corners):
-  x_t, grid_t = _sampler_case(11)
+@pytest.mark.parametrize("channels", [1, 3])  # one channel takes its own path on CPU
+def test_grid_sample_values_match_torch(mode, padding_mode, align_corners, channels):
+  x_t, grid_t = _sampler_case(11, channels)
   assert ((grid_t.abs() > 1).any(-1)).float().mean() > 0.2
   ref = F.grid_sample(x_t, grid_t, mode=mode, padding_mode=padding_mode,
                       align_corners=align_corners)
@@ -321,15 +322,44 @@ def test_grid_sample_values_match_torch(mode, padding_mode, align_corners):
   np.testing.assert_allclose(ours, _nhwc(ref), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("padding_mode, align_corners",
+                         list(itertools.product(["zeros", "border"], [False, True])))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grid_sample_far_points_match_torch(padding_mode, align_corners, channels):
+  # Coordinates of +-1e10 (far beyond int32 once in pixels) beside points just outside the
+  # border: zeros padding reads nothing for them, border padding clamps them. (Reflection
+  # of 1e10 in float32 is rounding noise in both libraries, so it is not compared.)
+  x_t = torch.randn(1, channels, 4, 5, generator=torch.Generator().manual_seed(21))
+  grid_t = torch.tensor([[[[1e10, 0.0], [-1e10, 0.3], [0.5, 1e10], [0.1, -3e9], [0.2, 0.3],
+                           [1.1, -1.05], [-1.2, 1.3]]]])
+  x_t.requires_grad_(True)
+  grid_t.requires_grad_(True)
+  ref = F.grid_sample(x_t, grid_t, padding_mode=padding_mode, align_corners=align_corners)
+  dx_t, dgrid_t = torch.autograd.grad(ref.sum(), (x_t, grid_t))
+
+  def ours(x, grid):
+    return grid_sample(x, grid, padding_mode=padding_mode, align_corners=align_corners)
+
+  x, grid = jnp.asarray(x_t.detach().numpy().transpose(0, 2, 3, 1)), jnp.asarray(grid_t.detach().numpy())
+  out = jax.jit(ours)(x, grid)
+  dx, dgrid = jax.jit(jax.grad(lambda a, b: jnp.sum(ours(a, b)), argnums=(0, 1)))(x, grid)
+  np.testing.assert_allclose(out, _nhwc(ref.detach()), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(dx, _nhwc(dx_t), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(dgrid, dgrid_t.numpy(), atol=1e-4, rtol=0)
+  if padding_mode == "border":
+    assert np.abs(np.asarray(out)[0, 0, :4]).min() > 0  # far points read the border
+
+
 @pytest.mark.parametrize(
     "mode, padding_mode, align_corners",
     list(itertools.product(["bilinear", "nearest"], ["zeros", "border", "reflection"],
                            [False, True])))
-def test_grid_sample_gradients_match_torch(mode, padding_mode, align_corners):
-  x_t, grid_t = _sampler_case(12)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grid_sample_gradients_match_torch(mode, padding_mode, align_corners, channels):
+  x_t, grid_t = _sampler_case(12, channels)
   x_t.requires_grad_(True)
   grid_t.requires_grad_(True)
-  weights_t = torch.randn(2, 3, 4, 7, generator=torch.Generator().manual_seed(13))
+  weights_t = torch.randn(2, channels, 4, 7, generator=torch.Generator().manual_seed(13))
   loss = (F.grid_sample(x_t, grid_t, mode=mode, padding_mode=padding_mode,
                         align_corners=align_corners) * weights_t).sum()
   dx_t, dgrid_t = torch.autograd.grad(loss, (x_t, grid_t))

@@ -166,6 +166,29 @@ def test_matches_a_per_point_loop_on_random_points(mode):
                                  err_msg=f"{mode} {padding_mode} {align_corners}")
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+def test_nan_points_read_zero_and_leave_the_rest(channels, padding_mode):
+  # A NaN coordinate reads 0 (PyTorch returns NaN with zeros padding) and gives the image
+  # no gradient; the other points are untouched.
+  x = _normal(31, (1, 4, 5, channels))
+  grid = _uniform(32, (1, 1, 6, 2), -0.9, 0.9)
+  bad = grid.at[0, 0, 1, 0].set(jnp.nan).at[0, 0, 4, 1].set(jnp.nan)
+  for mode in ("bilinear", "nearest"):
+    out = sample(x, bad, mode=mode, padding_mode=padding_mode)
+    clean = sample(x, grid, mode=mode, padding_mode=padding_mode)
+    np.testing.assert_array_equal(out[0, 0, [1, 4]], 0.0)
+    np.testing.assert_array_equal(out[0, 0, [0, 2, 3, 5]], clean[0, 0, [0, 2, 3, 5]])
+  loss = lambda a, b: jnp.sum(grid_sample(a, b, padding_mode=padding_mode) ** 2)
+  dx, dgrid = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, bad)
+  dx_clean = jax.jit(jax.grad(loss))(x, grid.at[0, 0, [1, 4]].set(10.0))  # reads nothing
+  if padding_mode == "zeros":
+    np.testing.assert_allclose(dx, dx_clean, rtol=1e-6, atol=1e-7)
+  assert np.all(np.isfinite(dx))
+  assert np.all(np.isfinite(dgrid[0, 0, [0, 2, 3, 5]]))
+  assert np.abs(dgrid[0, 0, [0, 2, 3, 5]]).max() > 0
+
+
 def test_nearest_rounds_half_to_even():
   # align_corners=False, row iy = 1 (gy = 0), columns ix = -0.5, 0.5, 1.5, 2.5, 3.5, -0.6:
   # gx = (2 ix + 1) / 4 - 1 = -1, -0.5, 0, 0.5, 1, -1.05.

@@ -340,7 +340,8 @@ def test_grid_sample_far_points_match_torch(padding_mode, align_corners, channel
   def ours(x, grid):
     return grid_sample(x, grid, padding_mode=padding_mode, align_corners=align_corners)
 
-  x, grid = jnp.asarray(x_t.detach().numpy().transpose(0, 2, 3, 1)), jnp.asarray(grid_t.detach().numpy())
+  x = jnp.asarray(x_t.detach().numpy().transpose(0, 2, 3, 1))
+  grid = jnp.asarray(grid_t.detach().numpy())
   out = jax.jit(ours)(x, grid)
   dx, dgrid = jax.jit(jax.grad(lambda a, b: jnp.sum(ours(a, b)), argnums=(0, 1)))(x, grid)
   np.testing.assert_allclose(out, _nhwc(ref.detach()), atol=1e-5, rtol=0)

@@ -94,7 +94,9 @@ from train.bench_sampler import markdown as sampler_markdown
 from train.bench_torch import TorchStep, _TorchSampler, torch_model  # noqa: F401
 
 DEFAULT_MODELS = "resnet50,seresnet50,cbam_resnet50,ecaresnet50d,attention56"
-SAMPLER_SHAPES = ((64, 60, 60, 1), (32, 32, 32, 64))
+# --sampler's default shapes: grayscale digits at 60 x 60 (the STN paper's distorted MNIST),
+# RGB at the same size, and a 64-channel feature map.
+SAMPLER_SHAPES = ((64, 60, 60, 1), (64, 60, 60, 3), (32, 32, 32, 64))
 
 
 def backbone_of(name: str) -> str | None:

@@ -173,8 +173,9 @@ def test_forward_mode_needs_the_flag():
   np.testing.assert_allclose(jvp, jnp.tensordot(jac, tangent, axes=4), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_gradient_follows_float32():
-  x, grid, cot = _data((2, 6, 6, 8), (5, 5), seed=11)
+@pytest.mark.parametrize("channels", [1, 3, 8])  # the three CPU paths
+def test_bfloat16_gradient_follows_float32(channels):
+  x, grid, cot = _data((2, 6, 6, channels), (5, 5), seed=11)
   ours = _vjp(False, x.astype(jnp.bfloat16), grid, cot.astype(jnp.bfloat16))
   ref = _vjp(True, x, grid, cot)
   assert ours[1].dtype == jnp.bfloat16 and ours[2].dtype == jnp.float32

@@ -230,7 +230,12 @@ def format_results(results: dict[str, Any]) -> str:
     lines.append(f"baseline {baseline['model']}: " + format_results(
         {k: v for k, v in baseline.items() if k != "baseline"}))
   ips = results.get("images_per_second", 0.0)
-  ips = f"{ips:.1f}" if math.isfinite(ips) else "n/a"
+  start = results.get("resumed_from_step")
+  if start and start == results.get("steps"):
+    # Resumed at its last step: nothing trained in this run, so no rate to show.
+    ips = "n/a, resumed at the last step"
+  else:
+    ips = f"{ips:.1f}" if math.isfinite(ips) else "n/a"
   lines.append(f"test_accuracy={results['test_accuracy']:.4f} (model={results['model']}, "
                f"top5={results['test_top5']:.4f}, steps={results['steps']}, "
                f"images/s={ips})")

@@ -78,6 +78,12 @@ def test_format_results_lines():
   first, last = metrics_lib.format_results(both).splitlines()
   assert first.startswith("baseline cnn_digits: test_accuracy=0.5000 (model=cnn_digits")
   assert last.startswith("test_accuracy=0.9877")
+  # A run resumed at its last step trains nothing: no rate, and it says why.
+  done = dict(result, resumed_from_step=12, images_per_second=0.0)
+  assert metrics_lib.format_results(done).endswith(
+      "steps=12, images/s=n/a, resumed at the last step)")
+  partly = dict(result, resumed_from_step=5)
+  assert metrics_lib.format_results(partly).endswith("images/s=123.5)")
 
 
 def test_cifar10_smoke_runs_on_mock_data(tmp_path_factory):

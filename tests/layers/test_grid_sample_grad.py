@@ -1,8 +1,9 @@
 """grid_sample's custom gradient against JAX's own autodiff of the same sampler.
 
 The default bilinear sampler carries a ``jax.custom_vjp`` whose CPU rule is hand-written
-(``_taps_vjp_cpu``); ``forward_mode=True`` is the plain formula differentiated by JAX. The
-two must give the same gradients, second derivatives and batched gradients.
+(``attention_flax.layers.bilinear.taps_vjp_cpu``); ``forward_mode=True`` is the plain
+formula differentiated by JAX. The two must give the same gradients, second derivatives
+and batched gradients.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_flax.layers import transformer
+from attention_flax.layers import bilinear
 from attention_flax.layers.transformer import SpatialTransformer, affine_grid, grid_sample
 
 
@@ -109,8 +110,8 @@ def test_cpu_rule_equals_the_autodiff_rule(batch_indices, padded, c):
     weight = tuple(wt.reshape(-1) for wt in weight)
     g = g.reshape(n * p, c)
   args = (jnp.asarray(x), index, weight, g)
-  cpu = jax.jit(functools.partial(transformer._taps_vjp_cpu, padded=padded))(*args)
-  auto = jax.jit(functools.partial(transformer._taps_vjp_autodiff, padded=padded))(*args)
+  cpu = jax.jit(functools.partial(bilinear.taps_vjp_cpu, padded=padded))(*args)
+  auto = jax.jit(functools.partial(bilinear.taps_vjp_autodiff, padded=padded))(*args)
   for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(auto)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(cpu[0], hand_dx, rtol=1e-5, atol=1e-5)

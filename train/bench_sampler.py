@@ -47,7 +47,7 @@ def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, r
                   against: str | None,
                   compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
   """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
-  from train.bench import _interleave, _summary
+  from train.bench_models import _interleave, _summary
   from train.bench_torch import _TorchSampler
   rows = []
   for shape in shapes:

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-  from train.bench import OurStep
+  from train.bench_models import OurStep
   from train.bench_sampler import _OurSampler
 
 _TIMM_ATTN = {"se": "se", "ese": "ese", "eca": "eca", "cbam": "cbam", "gc": "gc", "ge": "ge"}

@@ -57,9 +57,9 @@ JSON (``--out``): a list of objects, each with ``kind``:
     torch_note; with ``--profile``: profile (steps, step_time_s, busy_s, idle_s, ops,
     by_kind, top: see ``train/bench_profile.py``).
   "conv" (with ``--convs``): single convolution layers, see ``train/bench_conv.py``.
-  "sampler": shape (N, H, W, C), step_time_{median,min,max}_s of ``grid_sample`` forward +
-    backward (the samples, and the gradients for image and grid from a fixed random output
-    gradient), compile_time_s, and with torch the same
+  "sampler": mode (``--sampler_modes``), shape (N, H, W, C), step_time_{median,min,max}_s
+    of ``grid_sample`` forward + backward (the samples, and the gradients for image and
+    grid from a fixed random output gradient), compile_time_s, and with torch the same
     torch_* fields of ``F.grid_sample`` and throughput_ratio_vs_torch.
   "pipeline": data, batch, image_shape, workers (``--pipeline_workers``), warmup_batches
     (read before timing: 2 plus what the workers' buffers and the prefetch can hold, so
@@ -210,6 +210,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--sampler_shapes", default=";".join(",".join(map(str, s))
                                                       for s in SAMPLER_SHAPES),
                  help="N,H,W,C shapes separated by ';'")
+  p.add_argument("--sampler_modes", default="bilinear",
+                 help="grid_sample modes for --sampler, separated by ',': bilinear, nearest")
   args = p.parse_args(list(argv))
   for key in ("batch", "repeats", "profile_steps"):
     if getattr(args, key) < 1:
@@ -228,6 +230,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     raise ValueError(f"Unknown --data={args.data!r}; choose one of {', '.join(PIPELINE_DATA)}.")
   if args.pipeline_workers < 0:
     raise ValueError(f"--pipeline_workers must be >= 0; got {args.pipeline_workers}.")
+  from attention_flax.layers.transformer import MODES
+  modes = [m.strip() for m in args.sampler_modes.split(",") if m.strip()]
+  if not modes or any(m not in MODES for m in modes):
+    raise ValueError(f"--sampler_modes takes {', '.join(MODES)} separated by ','; got "
+                     f"{args.sampler_modes!r}.")
+  args.sampler_modes = modes
   return args
 
 
@@ -262,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       if any(len(s) != 4 for s in shapes):
         raise ValueError(f"--sampler_shapes takes N,H,W,C groups; got {args.sampler_shapes!r}.")
       rows += bench_sampler(shapes, warmup=args.warmup, repeats=args.repeats,
-                            against=args.against, compiler_options=options)
+                            against=args.against, compiler_options=options,
+                            modes=args.sampler_modes)
     if args.convs:
       rows += bench_conv.bench_convs(args.conv_shapes, warmup=args.warmup, repeats=args.repeats,
                                      against=args.against, compiler_options=options)

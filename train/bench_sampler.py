@@ -14,10 +14,11 @@ import numpy as np
 
 class _OurSampler:
   def __init__(self, shape: tuple[int, int, int, int], seed: int = 0,
-               compiler_options: dict[str, Any] | None = None):
+               compiler_options: dict[str, Any] | None = None, mode: str = "bilinear"):
     from attention_flax.layers.transformer import affine_grid, grid_sample
     rs = np.random.RandomState(seed)
     n = shape[0]
+    self.mode = mode
     theta = np.tile(np.array([[0.8, 0.1, 0.05], [-0.1, 0.9, -0.05]], np.float32), (n, 1, 1))
     theta += 0.05 * rs.standard_normal(theta.shape).astype(np.float32)
     self.x = rs.standard_normal(shape).astype(np.float32)
@@ -27,7 +28,7 @@ class _OurSampler:
     def forward_backward(x, grid, cot):
       # The samples and both gradients for a given output gradient, as inside a network
       # (no loss reduction fused into the sampler).
-      out, pullback = jax.vjp(grid_sample, x, grid)
+      out, pullback = jax.vjp(lambda x, grid: grid_sample(x, grid, mode=mode), x, grid)
       return out, *pullback(cot)
 
     args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
@@ -44,17 +45,18 @@ class _OurSampler:
 
 
 def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, repeats: int,
-                  against: str | None,
-                  compiler_options: dict[str, Any]) -> list[dict[str, Any]]:
-  """One "sampler" row per (N, H, W, C) shape: bilinear, zeros padding, fwd + bwd."""
+                  against: str | None, compiler_options: dict[str, Any],
+                  modes: Sequence[str] = ("bilinear",)) -> list[dict[str, Any]]:
+  """One "sampler" row per (N, H, W, C) shape and mode ("bilinear", "nearest"): zeros
+  padding, forward + backward."""
   from train.bench_models import _interleave, _summary
   from train.bench_torch import _TorchSampler
   rows = []
-  for shape in shapes:
-    ours = _OurSampler(tuple(shape), compiler_options=compiler_options)
+  for shape, mode in ((shape, mode) for mode in modes for shape in shapes):
+    ours = _OurSampler(tuple(shape), compiler_options=compiler_options, mode=mode)
     steps = [ours] + ([_TorchSampler(ours)] if against == "torch" else [])
     _interleave(steps, warmup, repeats)
-    row = {"kind": "sampler", "model": "grid_sample", "shape": list(shape),
+    row = {"kind": "sampler", "model": "grid_sample", "mode": mode, "shape": list(shape),
            **_summary(ours.times), "compile_time_s": ours.compile_time}
     if against == "torch":
       row.update(_summary(steps[1].times, "torch_"))
@@ -70,10 +72,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
   samplers = [r for r in rows if r["kind"] == "sampler"]
   if not samplers:
     return []
-  out = ["", "| grid_sample fwd+bwd (N, H, W, C) | median s (min-max) | torch median s "
-         "| ours/torch |", "|---|---|---|---|"]
+  out = ["", "| grid_sample fwd+bwd (N, H, W, C) | mode | median s (min-max) | torch median s "
+         "| ours/torch |", "|---|---|---|---|---|"]
   for r in samplers:
-    out.append(f"| {tuple(r['shape'])} | {r['step_time_median_s']:.4f} "
+    out.append(f"| {tuple(r['shape'])} | {r['mode']} | {r['step_time_median_s']:.4f} "
                f"({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) "
                f"| {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
                f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")

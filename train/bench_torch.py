@@ -134,12 +134,14 @@ class _TorchSampler:
     self.x = x.to(self.device).requires_grad_()
     self.grid = torch.from_numpy(ours.grid.copy()).to(self.device).requires_grad_()
     self.cot = torch.from_numpy(ours.cot).permute(0, 3, 1, 2).contiguous().to(self.device)
+    self.mode = ours.mode
     self.times = []
 
   def step(self) -> float:
     start = time.perf_counter()
     self.x.grad = self.grid.grad = None
-    out = self.torch.nn.functional.grid_sample(self.x, self.grid, align_corners=False)
+    out = self.torch.nn.functional.grid_sample(self.x, self.grid, mode=self.mode,
+                                               align_corners=False)
     out.backward(self.cot)
     synchronize(self.device)
     return time.perf_counter() - start

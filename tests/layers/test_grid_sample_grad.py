@@ -9,6 +9,7 @@ and batched gradients.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,31 @@ def test_gradients_equal_autodiff(channels, padding_mode, align_corners):
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
   assert np.abs(ours[2]).max() > 1.0  # the grid gradient is not trivially zero
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_per_image_indices_equal_batch_indices(monkeypatch, mode, channels):
+  # Batches of BATCH_INDEX_PIXELS or more gather with (image, pixel) indices; lowering the
+  # limit sends this small batch down that path, which must agree exactly.
+  from attention_flax.layers import transformer
+  x, grid, cot = _data((3, 6, 7, channels), (5, 4), 11)
+
+  def run():
+    f = functools.partial(grid_sample, mode=mode, padding_mode="zeros")
+    out, pullback = jax.vjp(f, x, grid)
+    return (out, *pullback(cot))
+
+  batch = run()
+  monkeypatch.setattr(transformer, "BATCH_INDEX_PIXELS", 3 * 6 * 7)
+  per_image = run()
+  monkeypatch.setattr(transformer, "BATCH_INDEX_PIXELS", 3 * 6 * 7 + 1)
+  assert all(np.array_equal(a, b) for a, b in zip(run(), batch))
+  for a, b in zip(per_image, batch):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # Each image reads its own pixels: the third image's samples move with its own input.
+  assert np.abs(np.asarray(batch[0])[2]).max() > 0.1
+  assert np.abs(np.asarray(batch[1])).max() > 0.1
 
 
 def test_scatter_accumulates_colliding_taps():
@@ -131,6 +157,30 @@ def test_one_scatter_for_one_channel_on_cpu_only(platform, channels, scatters):
   vjp = lambda x, grid, cot: jax.vjp(grid_sample, x, grid)[1](cot)
   text = jax.jit(vjp).trace(x, grid, cot).lower(lowering_platforms=(platform,)).as_text()
   assert text.count('"stablehlo.scatter"') == scatters
+
+
+@pytest.mark.parametrize("platform, channels, rows", [
+    ("cpu", 3, "60x4"), ("cuda", 3, "60x3"), ("cpu", 2, "60x2"), ("cpu", 1, "60")])
+def test_nearest_rgb_scatters_rows_of_four_on_cpu(platform, channels, rows):
+  # Nearest sampling's input gradient is autodiff's scatter of the gathered rows; RGB on
+  # CPU gathers (and so scatters) rows of four, the fourth zero. 2 x 5 x 6 = 60 pixels.
+  x, grid, cot = _data((2, 5, 6, channels), (4, 7), seed=19)
+  vjp = lambda x, cot: jax.vjp(lambda x: grid_sample(x, grid, mode="nearest"), x)[1](cot)
+  text = jax.jit(vjp).trace(x, cot).lower(lowering_platforms=(platform,)).as_text()
+  assert re.findall(r"stablehlo.scatter.*?\}\) : \((tensor<[^>]*>)", text, re.S) == [
+      f"tensor<{rows}xf32>"]
+  # And the gradient is the same: each sampled pixel gets the sum of its points' cotangents.
+  dx = jax.jit(vjp)(x, cot)[0]
+  hand = np.zeros(x.shape, np.float32)
+  for i in range(2):
+    ix = np.round(((np.asarray(grid[i, ..., 0]) + 1) * 6 - 1) / 2)
+    iy = np.round(((np.asarray(grid[i, ..., 1]) + 1) * 5 - 1) / 2)
+    points = np.stack([iy, ix], -1).reshape(-1, 2)
+    for (yy, xx), value in zip(points, np.asarray(cot[i]).reshape(-1, channels)):
+      if 0 <= xx <= 5 and 0 <= yy <= 4:
+        hand[i, int(yy), int(xx)] += value
+  np.testing.assert_allclose(dx, hand, rtol=1e-6, atol=1e-6)
+  assert np.abs(hand).max() > 0.1
 
 
 @pytest.mark.parametrize("channels", [1, 3])

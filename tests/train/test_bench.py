@@ -86,6 +86,7 @@ def test_sampler_and_pipeline_rows(tiny_run):
   _, rows = tiny_run
   sampler, pipeline = rows[3], rows[4]
   assert sampler["shape"] == [2, 6, 5, 3] and sampler["model"] == "grid_sample"
+  assert sampler["mode"] == "bilinear"  # the default of --sampler_modes
   assert sampler["step_time_min_s"] <= sampler["step_time_median_s"]
   assert pipeline["data"] == "digits" and pipeline["image_shape"] == [32, 32, 3]
   assert pipeline["workers"] == 0 and pipeline["image_dtype"] == "float32"
@@ -107,6 +108,12 @@ def test_unknown_model_is_a_clear_error(capsys):
   assert bench.main(["--models=resnet5O", "--repeats=1"]) != 0
   err = capsys.readouterr().err
   assert "Unknown model 'resnet5O'" in err and "list_models()" in err
+
+
+def test_unknown_sampler_mode_is_a_clear_error(capsys):
+  assert bench.main(["--models=test_resnet_tiny", "--sampler", "--sampler_modes=bicubic"]) != 0
+  err = capsys.readouterr().err
+  assert "--sampler_modes takes bilinear, nearest" in err and "'bicubic'" in err
 
 
 def test_folds_gate_names_the_se_eca_and_cbam_resnets():
@@ -232,7 +239,7 @@ def test_against_torch_tiny(tmp_path):
   pytest.importorskip("timm")
   out = tmp_path / "torch.json"
   rc = bench.main([*TINY, "--against=torch", "--sampler", "--sampler_shapes=2,4,4,1",
-                   "--convs", "--conv_shapes=2,6,3,4,3,2;2,6,2,1,3,1", f"--out={out}"])
+                   "--sampler_modes=bilinear,nearest", "--convs", "--conv_shapes=2,6,3,4,3,2;2,6,2,1,3,1", f"--out={out}"])
   assert rc == 0
   rows = json.loads(out.read_text())
   assert rows[0]["torch_version"] and rows[0]["torch_threads"] >= 1
@@ -241,10 +248,13 @@ def test_against_torch_tiny(tmp_path):
     assert row["torch_step_time_min_s"] <= row["torch_step_time_median_s"]
     assert math.isclose(row["throughput_ratio_vs_torch"],
                         row["torch_step_time_median_s"] / row["step_time_median_s"])
-  sampler = rows[3]
-  assert math.isclose(sampler["throughput_ratio_vs_torch"],
-                      sampler["torch_step_time_median_s"] / sampler["step_time_median_s"])
-  conv, spatial = rows[4:6]
+  assert [(r["kind"], r["mode"]) for r in rows[3:5]] == [("sampler", "bilinear"),
+                                                         ("sampler", "nearest")]
+  for sampler in rows[3:5]:
+    assert math.isclose(sampler["throughput_ratio_vs_torch"],
+                        sampler["torch_step_time_median_s"] / sampler["step_time_median_s"])
+  assert "| (2, 4, 4, 1) | nearest |" in bench.markdown(rows)
+  conv, spatial = rows[5:7]
   assert conv["kind"] == "conv" and conv["shape"] == [2, 6, 6, 3, 4, 3, 2]
   # A small strided 3x3 layer keeps XLA's kernel gradient; a CBAM-like 2 -> 1 map takes
   # the banded convolution.

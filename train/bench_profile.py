@@ -10,7 +10,10 @@ reported per model and step:
 * ``busy_s``: the events' durations summed. On a GPU's single stream this is the time the
   device computed; the step time minus it (``idle_s``) is the time it waited between
   kernels (launches, host work). On CPU operations run on several threads at once, so the
-  sum can exceed the step time and ``idle_s`` means nothing (null).
+  sum can exceed the step time and ``idle_s`` means nothing (null). Nor does the CPU sum
+  hold XLA's own convolutions: their events cover only the start of the work that
+  Eigen's threads then do untraced (a ResNet-20 step showed 194 of 397 ms with no traced
+  operation, each gap right after a convolution; docs/benchmarks.md).
 * ``ops``: the number of such events (kernels on a GPU).
 * ``by_kind``: time and count per kind: "convolution" (cuDNN's kernels and their layout
   kernels, XLA:CPU's convolutions), "matmul" (cuBLAS, XLA's gemm fusions and dots),

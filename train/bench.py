@@ -54,8 +54,8 @@ JSON (``--out``): a list of objects, each with ``kind``:
     step time / the backbone's, null for backbones); with torch: torch_model,
     torch_step_time_{median,min,max}_s, torch_images_per_second, torch_first_step_s,
     throughput_ratio_vs_torch (ours images/s / torch's: > 1 means we are faster),
-    torch_note; with ``--profile``: profile (steps, step_time_s, busy_s, idle_s, ops,
-    by_kind, top: see ``train/bench_profile.py``).
+    torch_note; with ``--profile``: profile (steps, step_time_s, busy_s, idle_s,
+    untraced_s, untraced_after, ops, by_kind, top: see ``train/bench_profile.py``).
   "conv" (with ``--convs``): single convolution layers, see ``train/bench_conv.py``.
   "sampler": mode (``--sampler_modes``), shape (N, H, W, C), step_time_{median,min,max}_s
     of ``grid_sample`` forward + backward (the samples, and the gradients for image and

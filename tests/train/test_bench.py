@@ -162,9 +162,24 @@ def test_profile_sums_the_traced_operations(tmp_path):
     assert math.isclose(sum(k["s"] for k in p["by_kind"].values()), p["busy_s"], rel_tol=1e-9)
     assert sum(k["ops"] for k in p["by_kind"].values()) == p["ops"]
     assert [t["s"] for t in p["top"]] == sorted((t["s"] for t in p["top"]), reverse=True)
+    assert p["untraced_s"] >= 0
+    assert math.isclose(sum(p["untraced_after"].values()), p["untraced_s"], rel_tol=1e-9)
+    assert set(p["untraced_after"]) <= set(bench_profile.KINDS)
   # The SE gate's dense layers add matrix products to the backbone's.
   assert (rows[1]["profile"]["by_kind"]["matmul"]["ops"]
           > rows[0]["profile"]["by_kind"]["matmul"]["ops"])
+
+
+def test_untraced_gaps_by_the_kind_that_ended_last():
+  # (name, start ns, duration ns) on two threads: a convolution whose work is not traced
+  # leaves 30 ns with nothing running; a fusion overlapping a dot, then 5 ns after the dot.
+  events = [("conv_general_dilated.3", 0, 10), ("loop_add_fusion.1", 40, 20),
+            ("dot.2", 45, 30), ("wrapped_copy", 80, 5), ("copy.9", 82, 1)]
+  assert bench_profile.untraced_gaps(events) == {"convolution": 30, "matmul": 5}
+  assert bench_profile.untraced_gaps(list(reversed(events))) == {"convolution": 30,
+                                                                 "matmul": 5}
+  assert bench_profile.untraced_gaps([("dot", 0, 5)]) == {}
+  assert bench_profile.untraced_gaps([]) == {}
 
 
 @pytest.mark.parametrize("name,kind", [

@@ -183,6 +183,20 @@ def test_nearest_rgb_scatters_rows_of_four_on_cpu(platform, channels, rows):
   assert np.abs(hand).max() > 0.1
 
 
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_nearest_forward_mode_and_vmap(channels):
+  # Nearest sampling is linear in x: its forward-mode derivative along t is the sampling
+  # of t, and a vmap over images equals the batched call (RGB reads rows of four on CPU).
+  x, grid, _ = _data((2, 6, 7, channels), (4, 5), seed=23)
+  t = jnp.asarray(np.random.default_rng(29).standard_normal(x.shape), jnp.float32)
+  sample = lambda x: grid_sample(x, grid, mode="nearest")
+  y, y_dot = jax.jvp(sample, (x,), (t,))
+  np.testing.assert_array_equal(y_dot, sample(t))
+  one = lambda xi, gi: grid_sample(xi[None], gi[None], mode="nearest")[0]
+  np.testing.assert_array_equal(jax.vmap(one)(x, grid), y)
+  assert np.abs(np.asarray(y)).max() > 0.1
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_second_order_equals_autodiff(channels):
   x, grid, cot = _data((1, 4, 5, channels), (3, 4), seed=3)

@@ -49,7 +49,11 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
   random_resized_crop, min_area), mean and std (per channel, after scaling to [0, 1]),
   worker_count, seed (fixes the digits train/test split and the distortions),
   normalize_on_device (uint8 images travel to the device as uint8 and are normalised in
-  the jitted step; float images, such as the embedded digits, are normalised on the host).
+  the jitted step; float images, such as the embedded digits, are normalised on the host),
+  augment_on_device (False; True: images travel at their stored size and are resized,
+  cropped, flipped and normalised in the jitted step, ``train.device_augment``: for
+  accelerators fed from few host cores, with sources of one image size and no
+  random-resized crop).
   """
   data = ml_collections.ConfigDict({
       "name": name,
@@ -70,6 +74,7 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
       "worker_count": 0,
       "seed": 0,
       "normalize_on_device": True,
+      "augment_on_device": False,
   })
   for key, value in overrides.items():
     if key == "augment":

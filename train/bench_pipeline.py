@@ -15,6 +15,13 @@
 
 All three are augmented as CIFAR is (resize to the image size, random crop with 1/8 of it
 as padding, random flip) and uint8 sources stay uint8 for the device to normalise.
+
+With ``augment_on_device`` (``train.bench --augment_on_device``, ``data.augment_on_device``)
+the pipeline leaves the resize, crop and flip to the jitted step
+(``train.device_augment``) and ships the images at their stored size; the row then also
+times that device work on one of the pipeline's batches (``device_augment_s``) and
+charges it to the model: ``ratio_vs_model`` compares the pipeline with the model's step
+plus the augmentation.
 """
 
 from __future__ import annotations
@@ -53,13 +60,14 @@ def write_png_folder(root: str, num_images: int, *, side: int = PNG_FOLDER_SIDE,
 
 
 def pipeline_data_config(name: str, size: int, channels: int, workers: int = 0,
-                         data_dir: str | None = None) -> Any:
+                         data_dir: str | None = None, augment_on_device: bool = False) -> Any:
   """The data block of ``--pipeline`` for ``name`` in :data:`PIPELINE_DATA` (module
   docstring), with ``workers`` grain worker processes (``data.worker_count``; 0: reader
   threads only). ``png_folder`` needs the folder's root as ``data_dir``."""
   import configs
   augment = {"crop_padding": max(1, size // 8), "flip": True}
-  common = dict(image_size=size, channels=channels, augment=augment, worker_count=workers)
+  common = dict(image_size=size, channels=channels, augment=augment, worker_count=workers,
+                augment_on_device=augment_on_device)
   if name == "digits":
     return configs.data_config("digits", mean=(0.5,) * channels, std=(0.5,) * channels,
                                **common)
@@ -91,16 +99,18 @@ def _data_dir(data: str, num_images: int) -> Iterator[str | None]:
 
 def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup: int,
                    batches: int, model_row: dict[str, Any] | None,
-                   workers: int = 0) -> dict[str, Any]:
+                   workers: int = 0, augment_on_device: bool = False) -> dict[str, Any]:
   """Images per second out of ``train.data.train_dataset`` (augmented; normalised on the
-  host, or uint8 pixels for the device to normalise, as the trainer asks for them)."""
+  host, or uint8 pixels for the device to normalise, as the trainer asks for them; or,
+  with ``augment_on_device``, the stored images for the device to augment)."""
   from train import data as data_lib
   import grain
   if data not in PIPELINE_DATA:
     raise ValueError(f"Unknown --data={data!r}; choose one of {', '.join(PIPELINE_DATA)}.")
   size, channels = int(image_shape[0]), int(image_shape[-1])
   with _data_dir(data, max(SOURCE_SIZE[data], 4 * batch)) as root:
-    config = pipeline_data_config(data, size, channels, workers, data_dir=root)
+    config = pipeline_data_config(data, size, channels, workers, data_dir=root,
+                                  augment_on_device=augment_on_device)
     spec = data_lib.parse_data_config(config)
     # Batches that can be made ahead of the reader (one per worker process, as grain's
     # default per-worker buffer, and the prefetch): read before the clock starts, so that
@@ -109,7 +119,7 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
              + spec.prefetch_batches)
     it = iter(data_lib.train_dataset(config, batch_size=batch, seed=0,
                                      keep_uint8=spec.normalize_on_device))
-    dtype = next(it)["image"].dtype
+    first = next(it)
     for _ in range(warmup + ahead):
       next(it)
     start = time.perf_counter()
@@ -118,13 +128,37 @@ def bench_pipeline(data: str, *, batch: int, image_shape: Sequence[int], warmup:
     elapsed = time.perf_counter() - start
     it.close()  # Stops reader threads and worker processes now, not at garbage collection.
   ips = batch * batches / elapsed
+  dtype = first["image"].dtype
+  augment_s = device_augment_time(first, spec) if augment_on_device else None
   model_ips = model_row["images_per_second"] if model_row else None
+  if model_ips and augment_s is not None:
+    model_ips = batch / (batch / model_ips + augment_s)
   return {"kind": "pipeline", "data": data, "batch": batch, "image_shape": list(image_shape),
           "workers": workers, "warmup_batches": warmup + ahead, "batches": batches,
           "images_per_second": ips, "image_dtype": str(dtype),
+          "augment_on_device": bool(augment_on_device),
+          "stored_image_shape": list(first["image"].shape[1:]),
+          "device_augment_s": augment_s,
           "model": model_row["model"] if model_row else None,
           "model_images_per_second": model_ips,
           "ratio_vs_model": ips / model_ips if model_ips else None}
+
+
+def device_augment_time(batch: dict[str, np.ndarray], spec: Any, repeats: int = 7) -> float:
+  """Median seconds of ``train.device_augment.prepare_images`` (resize, crop, flip and
+  normalisation, jitted alone) on ``batch`` once it is on the device."""
+  import jax
+  from train import device_augment
+  prepare = jax.jit(lambda b: device_augment.prepare_images(b, spec.image_size, spec.mean,
+                                                            spec.std))
+  on_device = jax.device_put({k: batch[k] for k in ("image", "offset", "mirror")})
+  jax.block_until_ready(prepare(on_device))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(prepare(on_device))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -135,8 +169,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     if r["kind"] == "pipeline":
       out += ["", f"Input pipeline ({r['data']}, batch {r['batch']}, "
               f"{'x'.join(map(str, r['image_shape']))} {r['image_dtype']}, "
-              f"{r['workers']} workers): "
+              f"{r['workers']} workers"
+              f"{', augmented on the device' if r.get('augment_on_device') else ''}): "
               f"{r['images_per_second']:.0f} img/s; "
-              f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s; "
+              f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s"
+              f"{' with the augmentation' if r.get('augment_on_device') else ''}; "
               f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]
   return out

@@ -14,7 +14,10 @@ Every epoch yields ``len(slice) // batch_size`` batches (the remainder is droppe
 ``config.data`` keys (see the configs): name, tfds_name, data_dir, train_split, eval_split,
 image_size, channels, augment (crop_padding, flip, random_resized_crop, min_area), mean,
 std, worker_count, seed, normalize_on_device (True: the trainer asks for uint8 pixels
-from uint8 sources and normalises them in its jitted step). Optional keys: ``crop_pct``
+from uint8 sources and normalises them in its jitted step), augment_on_device (True:
+batches of images at their stored size with each one's crop offset and flip, which
+``train.device_augment`` applies in the jitted step; sources of one image size only).
+Optional keys: ``crop_pct``
 (0.875; eval resize-then-centre-crop used with random_resized_crop, timm's convention),
 ``num_threads`` / ``prefetch_batches`` (4 / 4, reader threads and batches read ahead),
 digits ``placement`` ("resize" or "pad"), distorted digits ``train_copies``,
@@ -68,6 +71,7 @@ class DataSpec:
   prefetch_batches: int
   seed: int
   normalize_on_device: bool
+  augment_on_device: bool
   options: tuple[tuple[str, Any], ...]  # source-specific extras (digits, distortions)
 
 
@@ -118,6 +122,11 @@ def parse_data_config(config: Any) -> DataSpec:
   if name == "folder" and not data_dir:
     raise ValueError("data.name='folder' needs config.data.data_dir: the folder holding "
                      "<split>/<class>/*.png|jpg.")
+  augment_on_device = bool(_get(config, "augment_on_device", False))
+  if augment_on_device and bool(_get(augment, "random_resized_crop", False)):
+    raise ValueError("data.augment_on_device supports the resize, padded crop and flip; "
+                     "the random-resized crop runs on the host: set "
+                     "data.augment_on_device=False.")
   extras = ("placement",) if name == "digits" else (
       "train_copies", "eval_copies", "max_rotation", "scale_range", "clutter",
       "digit_size", "clutter_size") if name == "distorted_digits" else ()
@@ -140,7 +149,7 @@ def parse_data_config(config: Any) -> DataSpec:
       prefetch_batches=_int(_get(config, "prefetch_batches", 4), "data.prefetch_batches", 1),
       seed=_int(_get(config, "seed", 0), "data.seed", 0),
       normalize_on_device=bool(_get(config, "normalize_on_device", True)),
-      options=tuple(options))
+      augment_on_device=augment_on_device, options=tuple(options))
 
 
 def _spec(config: Any) -> DataSpec:
@@ -203,7 +212,10 @@ def train_dataset(data_config: Any, *, batch_size: int, seed: int, process_index
   Yields {"image": float32 (batch_size, H, W, C) normalised, "label": int32 (batch_size,)}.
   With ``keep_uint8``, a source of uint8 images (tfds, image folders, distorted digits)
   yields them as uint8 (batch_size, H, W, C) pixels instead, for ``normalize_images`` in
-  ``train.trainer`` to normalise on the device. ``batch_size`` is per process.
+  ``train.device_augment`` to normalise on the device. With ``data.augment_on_device`` the images
+  are the source's, unresized and unnormalised (uint8, or float in [0, 1]), and the batch
+  adds "offset" int32 (batch_size, 2) and "mirror" bool (batch_size,) for
+  ``train.device_augment``. ``batch_size`` is per process.
   Deterministic in ``seed``; worker processes are used only when ``data.worker_count > 0``.
   """
   spec = _spec(data_config)
@@ -218,11 +230,14 @@ def train_dataset(data_config: Any, *, batch_size: int, seed: int, process_index
         f"{process_count} process(es)); lower config.batch_size.")
   # Augmentation streams differ per process; the seed mixes in the process index.
   augment_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+  on_device = spec.augment_on_device
   ds = (ds.shuffle()
-        .map(Decode(spec.channels, keep_uint8))
+        .map(Decode(spec.channels, keep_uint8 or on_device))
         .random_map(TrainAugment(spec.image_size, spec.crop_padding, spec.flip,
-                                 spec.random_resized_crop, spec.min_area), seed=augment_seed)
-        .batch(batch_size, drop_remainder=True, batch_fn=Collate(spec.mean, spec.std))
+                                 spec.random_resized_crop, spec.min_area, on_device),
+                    seed=augment_seed)
+        .batch(batch_size, drop_remainder=True,
+               batch_fn=Collate(spec.mean, spec.std, on_device))
         .repeat())
   it = ds.to_iter_dataset(_read_options(spec))
   if spec.worker_count > 0:
@@ -235,13 +250,16 @@ def train_dataset(data_config: Any, *, batch_size: int, seed: int, process_index
 
 
 def eval_batches(data_config: Any, *, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, keep_uint8: bool = False
+                 process_count: int = 1, keep_uint8: bool = False,
+                 augment_on_device: bool | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's slice of the eval split, no augmentation.
 
   Yields {"image": float32 (batch_size, H, W, C), "label": int32 (batch_size,), "mask":
   float32 (batch_size,)}; padded rows (zeros) have mask 0. ``keep_uint8`` is as for
-  :func:`train_dataset`. Every process yields the same
+  :func:`train_dataset`; so is ``augment_on_device`` (None: ``data.augment_on_device``),
+  whose batches hold the stored images with a zero "offset" and a false "mirror" (the
+  plain resize, made on the device). Every process yields the same
   number of batches, ceil(ceil(num_eval / process_count) / batch_size), so collective eval
   steps stay in step. Configuration errors are raised here, not on the first batch.
   """
@@ -250,32 +268,44 @@ def eval_batches(data_config: Any, *, batch_size: int, process_index: int = 0,
   source = make_source(spec, spec.eval_split)
   per_process = -(-len(source) // process_count)  # ceiling divisions
   num_batches = -(-per_process // batch_size)
+  on_device = spec.augment_on_device if augment_on_device is None else augment_on_device
+  keep_uint8 = keep_uint8 or on_device
+  decode = Decode(spec.channels, keep_uint8)
   ds = (grain.MapDataset.source(source)[process_index::process_count]
-        .map(Decode(spec.channels, keep_uint8))
-        .map(EvalResize(spec.image_size, spec.random_resized_crop, spec.crop_pct))
-        .batch(batch_size, drop_remainder=False, batch_fn=Collate(spec.mean, spec.std)))
-  shape = (batch_size, spec.image_size, spec.image_size, spec.channels)
-  # Padding rows take the dtype of the real ones, the same in every process: that of the
-  # split's first image as decoded (uint8 only with keep_uint8 and a uint8 source).
-  dtype = np.float32
-  if keep_uint8 and len(source):
-    dtype = Decode(spec.channels, keep_uint8)(source[0])["image"].dtype
-  return _padded(iter(ds.to_iter_dataset(_read_options(spec))), num_batches, shape, dtype)
+        .map(decode)
+        .map(EvalResize(spec.image_size, spec.random_resized_crop, spec.crop_pct, on_device))
+        .batch(batch_size, drop_remainder=False,
+               batch_fn=Collate(spec.mean, spec.std, on_device)))
+  # Padding rows take the shape and dtype of the real ones, the same in every process:
+  # those of the split's first image as decoded (uint8 only with keep_uint8 and a uint8
+  # source; its stored size on the device path).
+  first = decode(source[0])["image"] if len(source) else None
+  dtype = first.dtype if keep_uint8 and first is not None else np.float32
+  side = (spec.image_size, spec.image_size)
+  template = {"label": ((), np.int32)}
+  if on_device:
+    side = first.shape[:2] if first is not None else side
+    template.update(offset=((2,), np.int32), mirror=((), np.bool_))
+  template["image"] = ((*side, spec.channels), dtype)
+  return _padded(iter(ds.to_iter_dataset(_read_options(spec))), num_batches, batch_size,
+                 template)
 
 
-def _padded(batches: Iterator[dict[str, np.ndarray]], num_batches: int,
-            shape: Sequence[int], dtype: Any) -> Iterator[dict[str, np.ndarray]]:
-  size = shape[0]
+def _padded(batches: Iterator[dict[str, np.ndarray]], num_batches: int, size: int,
+            template: dict[str, tuple[tuple[int, ...], Any]]
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """``num_batches`` batches of ``size`` rows, the last ones padded with zero rows of the
+  ``template``'s (shape per row, dtype) for each key, plus "mask" (1 = real row)."""
   for _ in range(num_batches):
     batch = next(batches, None)
     real = 0 if batch is None else len(batch["label"])
     if real == size:
       yield {**batch, "mask": np.ones((size,), np.float32)}
       continue
-    image = np.zeros(shape, dtype)
-    label = np.zeros((size,), np.int32)
-    if real:
-      image[:real] = batch["image"]
-      label[:real] = batch["label"]
-    mask = (np.arange(size) < real).astype(np.float32)
-    yield {"image": image, "label": label, "mask": mask}
+    padded = {}
+    for key, (shape, dtype) in template.items():
+      padded[key] = np.zeros((size, *shape), dtype)
+      if real:
+        padded[key][:real] = batch[key]
+    padded["mask"] = (np.arange(size) < real).astype(np.float32)
+    yield padded

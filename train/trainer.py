@@ -19,7 +19,7 @@ import contextlib
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from attention_flax import conv
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import device_augment
+from train.device_augment import normalize_images  # noqa: F401  (importable from here too)
 from train import metrics as metrics_lib
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -42,9 +44,11 @@ SCHEDULES = ("constant", "step", "cosine")
 class TrainState(train_state.TrainState):
   """step, params, opt_state (from flax) plus batch-norm statistics and the run's key.
 
-  ``schedule`` (step -> learning rate), ``label_smoothing`` and the per-channel
+  ``schedule`` (step -> learning rate), ``label_smoothing``, the per-channel
   ``image_mean`` / ``image_std`` that uint8 batches are normalised with
-  (:func:`normalize_images`) are static: part of the compiled step, not of the checkpoint.
+  (:func:`normalize_images`) and ``image_size``, the side that device-augmented batches
+  are resized to (:func:`input_images`), are static: part of the compiled step, not of
+  the checkpoint.
   """
   batch_stats: Any
   rng: jax.Array
@@ -52,17 +56,14 @@ class TrainState(train_state.TrainState):
   label_smoothing: float = struct.field(pytree_node=False, default=0.0)
   image_mean: tuple[float, ...] = struct.field(pytree_node=False, default=(0.0,))
   image_std: tuple[float, ...] = struct.field(pytree_node=False, default=(1.0,))
+  image_size: int = struct.field(pytree_node=False, default=0)
 
 
-def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float]
-                     ) -> jax.Array:
-  """uint8 (N, H, W, C) pixels -> float32 (pixels / 255 - mean) / std, per channel: the
-  host pipeline's formula (``train.transforms.Collate``), here inside the jitted step.
-  Floating images are taken to be normalised already and returned unchanged."""
-  if images.dtype != jnp.uint8:
-    return images
-  scaled = images.astype(jnp.float32) / jnp.float32(255.0)
-  return (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+def input_images(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+  """The model's input from a batch and the state's image_size, image_mean and image_std
+  (``train.device_augment.model_input``)."""
+  return device_augment.model_input(batch, state.image_size, state.image_mean,
+                                    state.image_std)
 
 
 def state_to_tree(state: TrainState) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
         apply_fn=model.apply, params=variables["params"], tx=tx,
         batch_stats=variables.get("batch_stats", {}), rng=state_rng, schedule=schedule,
         label_smoothing=float(config.label_smoothing), image_mean=spec.mean,
-        image_std=spec.std)
+        image_std=spec.std, image_size=int(input_shape[0]))
     # An explicit int32 step: a weakly typed one would recompile after a restore.
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -235,13 +236,14 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a (global) batch {"image": (N, H, W, C), "label": (N,)}; uint8 images
-  are normalised first with the state's image_mean / image_std.
+  are normalised first with the state's image_mean / image_std, and a device-augmented
+  batch is augmented first (:func:`input_images`).
 
   Returns the new state and scalar metrics: loss, accuracy, learning_rate, grad_norm,
   param_norm and "finite" (false once loss, gradients or parameters overflow).
   """
   rng = jax.random.fold_in(rng, state.step)
-  images = normalize_images(batch["image"], state.image_mean, state.image_std)
+  images = input_images(state, batch)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -271,10 +273,10 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
   """Sums over the real examples of a batch (``batch["mask"]`` = 1; padding = 0).
 
   Returns {"correct_top1", "correct_top5", "loss_sum", "count"}; top-5 is top-k with
-  k = min(5, classes). The loss has no label smoothing. uint8 images are normalised as in
+  k = min(5, classes). The loss has no label smoothing. Images are prepared as in
   :func:`train_step`.
   """
-  images = normalize_images(batch["image"], state.image_mean, state.image_std)
+  images = input_images(state, batch)
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                           images, train=False).astype(jnp.float32)
   labels = batch["label"]
@@ -351,7 +353,8 @@ def _write_attention_png(model, state: TrainState, config: ml_collections.Config
                          workdir: str, step: int) -> str:
   """Draws what the model attends to on the first eval images: workdir/attention/step_N.png."""
   from train import visualize  # matplotlib is imported only when pictures are asked for.
-  images = next(iter(data_lib.eval_batches(config.data, batch_size=config.eval_batch_size)))
+  images = next(iter(data_lib.eval_batches(config.data, batch_size=config.eval_batch_size,
+                                           augment_on_device=False)))
   variables = {"params": jax.device_get(state.params),
                "batch_stats": jax.device_get(state.batch_stats)}
   path = os.path.join(workdir, "attention", f"step_{step}.png")

@@ -198,7 +198,7 @@ class Decode:
   A grayscale image bound for 3 channels stays (H, W, 1): augmenting one plane is a third
   of the work, and :class:`Collate` writes it into every channel. With ``keep_uint8``
   uint8 images stay uint8 (0..255) for the device to normalise (:func:`normalize_images`
-  in ``train.trainer``); float images are converted as always."""
+  in ``train.device_augment``); float images are converted as always."""
   channels: int
   keep_uint8: bool = False
 
@@ -215,12 +215,25 @@ class Decode:
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
-  """Random-resized crop, or resize + random crop with padding; then optional flip."""
+  """Random-resized crop, or resize + random crop with padding; then optional flip.
+
+  With ``on_device`` (resize + crop only) the image is left as it is and the draws travel
+  with it: "offset" (int32 (2,): the crop window's top-left corner from the resized
+  image's, as :func:`resize_and_crop` takes it) and "mirror" (bool), for
+  ``train.device_augment`` to apply in the jitted step. The draws are the same as the
+  host's, in the same order, so both paths see the same crops for a seed.
+  """
   image_size: int
   crop_padding: int = 0
   flip: bool = False
   random_resized_crop: bool = False
   min_area: float = 0.08
+  on_device: bool = False
+
+  def __post_init__(self):
+    if self.on_device and self.random_resized_crop:
+      raise ValueError("The random-resized crop runs on the host only; set "
+                       "data.augment_on_device=False, or use crop_padding and flip.")
 
   def __call__(self, example: dict[str, np.ndarray], rng: np.random.Generator):
     image = example["image"]
@@ -233,6 +246,9 @@ class TrainAugment:
     padding = self.crop_padding
     offset = (rng.integers(0, 2 * padding + 1, size=2) - padding) if padding > 0 else (0, 0)
     mirror = self.flip and rng.random() < 0.5
+    if self.on_device:
+      return {"image": image, "label": example["label"],
+              "offset": np.asarray(offset, np.int32), "mirror": np.bool_(mirror)}
     if padding > 0:
       image = resize_and_crop(image, self.image_size, offset, mirror)
     else:
@@ -242,13 +258,24 @@ class TrainAugment:
 
 @dataclasses.dataclass(frozen=True)
 class EvalResize:
-  """Deterministic eval view: centre crop after resize (ImageNet-style) or plain resize."""
+  """Deterministic eval view: centre crop after resize (ImageNet-style) or plain resize.
+  With ``on_device`` (plain resize only) the image is left as it is, with a zero "offset"
+  and a false "mirror" for ``train.device_augment`` (see :class:`TrainAugment`)."""
   image_size: int
   crop: bool = False
   crop_pct: float = 0.875
+  on_device: bool = False
+
+  def __post_init__(self):
+    if self.on_device and self.crop:
+      raise ValueError("The eval centre crop runs on the host only; set "
+                       "data.augment_on_device=False.")
 
   def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     image = example["image"]
+    if self.on_device:
+      return {"image": image, "label": example["label"],
+              "offset": np.zeros((2,), np.int32), "mirror": np.bool_(False)}
     if self.crop:
       image = center_crop(image, self.image_size, self.crop_pct)
     else:
@@ -267,17 +294,35 @@ class Collate:
   Each image is written straight into one array allocated for the whole batch and the
   batch is normalised in place: a fresh array per image, then stacking them, cost two more
   passes over the batch and a page fault per 4 KiB of every image.
+
+  With ``on_device`` (``data.augment_on_device``) the images are batched at their stored
+  size and never normalised here (float ones stay in [0, 1]), and the examples' "offset"
+  and "mirror" are batched too, for ``train.device_augment``.
   """
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  on_device: bool = False
 
   def __call__(self, examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     shapes = {example["image"].shape[:2] for example in examples}
     if len(shapes) != 1:
+      if self.on_device:
+        raise ValueError(
+            f"A batch mixes stored image sizes {sorted(shapes)}: data.augment_on_device "
+            "batches images before resizing them, so they must all have one size; set "
+            "data.augment_on_device=False to resize them on the host.")
       raise ValueError(f"A batch mixes image sizes {sorted(shapes)}; set "
                        "config.data.image_size so that every image is resized to one size.")
     (h, w), = shapes
     sources = [example["image"] for example in examples]
+    labels = np.asarray([example["label"] for example in examples], np.int32)
+    if self.on_device:
+      images = np.empty((len(examples), h, w, len(self.mean)), sources[0].dtype)
+      for target, source in zip(images, sources):
+        _fill(target, source)
+      return {"image": images, "label": labels,
+              "offset": np.stack([example["offset"] for example in examples]),
+              "mirror": np.asarray([example["mirror"] for example in examples], np.bool_)}
     if sources[0].dtype == np.uint8:
       images = np.empty((len(examples), h, w, len(self.mean)), np.uint8)
       for target, source in zip(images, sources):
@@ -285,7 +330,6 @@ class Collate:
     else:
       images = np.empty((len(examples), h, w, len(self.mean)), np.float32)
       _normalize_into(images, sources, self.mean, self.std)
-    labels = np.asarray([example["label"] for example in examples], np.int32)
     return {"image": images, "label": labels}
 
 

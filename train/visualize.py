@@ -174,7 +174,8 @@ def load_run(workdir: str, num_images: int) -> dict[str, Any]:
   variables = {"params": state["params"]}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
-  batch = next(iter(data_lib.eval_batches(config.data, batch_size=num_images)))
+  batch = next(iter(data_lib.eval_batches(config.data, batch_size=num_images,
+                                          augment_on_device=False)))
   real = int(np.sum(batch["mask"]))
   return {"model": model, "variables": variables, "images": batch["image"][:real],
           "labels": batch["label"][:real], "num_classes": num_classes, "step": step}

@@ -234,6 +234,31 @@ def test_pipeline_of_uint8_images_stays_uint8(data):
   assert row["data"] == data and row["ratio_vs_model"] == row["images_per_second"] / 8.0
 
 
+def test_pipeline_augmented_on_the_device_charges_the_model(tmp_path, capsys):
+  row = bench.bench_pipeline("cifar10_mock", batch=4, image_shape=(24, 24, 3), warmup=1,
+                             batches=2, model_row={"model": "m", "images_per_second": 8.0},
+                             augment_on_device=True)
+  # The pipeline ships the stored 32 x 32 pixels; the device's resize to 24 x 24 is timed
+  # and added to the model's time per batch.
+  assert row["augment_on_device"] and row["stored_image_shape"] == [32, 32, 3]
+  assert row["image_dtype"] == "uint8" and row["device_augment_s"] > 0
+  model_ips = 4 / (4 / 8.0 + row["device_augment_s"])
+  assert math.isclose(row["model_images_per_second"], model_ips)
+  assert math.isclose(row["ratio_vs_model"], row["images_per_second"] / model_ips)
+  host = bench.bench_pipeline("cifar10_mock", batch=4, image_shape=(24, 24, 3), warmup=1,
+                              batches=2, model_row=None)
+  assert not host["augment_on_device"] and host["device_augment_s"] is None
+  assert host["stored_image_shape"] == [24, 24, 3]
+  out = tmp_path / "bench.json"
+  assert bench.main([*TINY, "--pipeline", "--pipeline_batches=2", "--augment_on_device",
+                     f"--out={out}"]) == 0
+  pipeline = json.loads(out.read_text())[-1]
+  # The digits source makes its images at the model's size: the device only crops them.
+  assert pipeline["augment_on_device"] and pipeline["device_augment_s"] > 0
+  assert pipeline["stored_image_shape"] == pipeline["image_shape"]
+  assert "augmented on the device" in capsys.readouterr().out
+
+
 def test_png_folder_is_read_back_pixel_for_pixel(tmp_path):
   from train import bench_pipeline, datasets
   bench_pipeline.write_png_folder(str(tmp_path), 23, side=5, classes=4, seed=3)

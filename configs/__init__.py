@@ -52,8 +52,7 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
   the jitted step; float images, such as the embedded digits, are normalised on the host),
   augment_on_device (False; True: images travel at their stored size and are resized,
   cropped, flipped and normalised in the jitted step, ``train.device_augment``: for
-  accelerators fed from few host cores, with sources of one image size and no
-  random-resized crop).
+  accelerators fed from few host cores, with sources of one stored image size).
   """
   data = ml_collections.ConfigDict({
       "name": name,

@@ -151,7 +151,7 @@ def device_augment_time(batch: dict[str, np.ndarray], spec: Any, repeats: int = 
   from train import device_augment
   prepare = jax.jit(lambda b: device_augment.prepare_images(b, spec.image_size, spec.mean,
                                                             spec.std))
-  on_device = jax.device_put({k: batch[k] for k in ("image", "offset", "mirror")})
+  on_device = jax.device_put({k: batch[k] for k in ("image", "box", "mirror")})
   jax.block_until_ready(prepare(on_device))
   times = []
   for _ in range(repeats):

@@ -15,7 +15,7 @@ Every epoch yields ``len(slice) // batch_size`` batches (the remainder is droppe
 image_size, channels, augment (crop_padding, flip, random_resized_crop, min_area), mean,
 std, worker_count, seed, normalize_on_device (True: the trainer asks for uint8 pixels
 from uint8 sources and normalises them in its jitted step), augment_on_device (True:
-batches of images at their stored size with each one's crop offset and flip, which
+batches of images at their stored size with each one's crop window and flip, which
 ``train.device_augment`` applies in the jitted step; sources of one image size only).
 Optional keys: ``crop_pct``
 (0.875; eval resize-then-centre-crop used with random_resized_crop, timm's convention),
@@ -123,10 +123,6 @@ def parse_data_config(config: Any) -> DataSpec:
     raise ValueError("data.name='folder' needs config.data.data_dir: the folder holding "
                      "<split>/<class>/*.png|jpg.")
   augment_on_device = bool(_get(config, "augment_on_device", False))
-  if augment_on_device and bool(_get(augment, "random_resized_crop", False)):
-    raise ValueError("data.augment_on_device supports the resize, padded crop and flip; "
-                     "the random-resized crop runs on the host: set "
-                     "data.augment_on_device=False.")
   extras = ("placement",) if name == "digits" else (
       "train_copies", "eval_copies", "max_rotation", "scale_range", "clutter",
       "digit_size", "clutter_size") if name == "distorted_digits" else ()
@@ -214,7 +210,7 @@ def train_dataset(data_config: Any, *, batch_size: int, seed: int, process_index
   yields them as uint8 (batch_size, H, W, C) pixels instead, for ``normalize_images`` in
   ``train.device_augment`` to normalise on the device. With ``data.augment_on_device`` the images
   are the source's, unresized and unnormalised (uint8, or float in [0, 1]), and the batch
-  adds "offset" int32 (batch_size, 2) and "mirror" bool (batch_size,) for
+  adds "box" float32 (batch_size, 4) and "mirror" bool (batch_size,) for
   ``train.device_augment``. ``batch_size`` is per process.
   Deterministic in ``seed``; worker processes are used only when ``data.worker_count > 0``.
   """
@@ -258,8 +254,8 @@ def eval_batches(data_config: Any, *, batch_size: int, process_index: int = 0,
   Yields {"image": float32 (batch_size, H, W, C), "label": int32 (batch_size,), "mask":
   float32 (batch_size,)}; padded rows (zeros) have mask 0. ``keep_uint8`` is as for
   :func:`train_dataset`; so is ``augment_on_device`` (None: ``data.augment_on_device``),
-  whose batches hold the stored images with a zero "offset" and a false "mirror" (the
-  plain resize, made on the device). Every process yields the same
+  whose batches hold the stored images with the eval view's "box" and a false "mirror"
+  (the resize, made on the device). Every process yields the same
   number of batches, ceil(ceil(num_eval / process_count) / batch_size), so collective eval
   steps stay in step. Configuration errors are raised here, not on the first batch.
   """
@@ -282,20 +278,22 @@ def eval_batches(data_config: Any, *, batch_size: int, process_index: int = 0,
   first = decode(source[0])["image"] if len(source) else None
   dtype = first.dtype if keep_uint8 and first is not None else np.float32
   side = (spec.image_size, spec.image_size)
-  template = {"label": ((), np.int32)}
+  template = {"label": ((), np.int32, 0)}
   if on_device:
     side = first.shape[:2] if first is not None else side
-    template.update(offset=((2,), np.int32), mirror=((), np.bool_))
-  template["image"] = ((*side, spec.channels), dtype)
+    # A padding row's window is its whole (zero) image: a zero-sized one would divide by 0.
+    template.update(box=((4,), np.float32, (0, 0, *side)), mirror=((), np.bool_, False))
+  template["image"] = ((*side, spec.channels), dtype, 0)
   return _padded(iter(ds.to_iter_dataset(_read_options(spec))), num_batches, batch_size,
                  template)
 
 
 def _padded(batches: Iterator[dict[str, np.ndarray]], num_batches: int, size: int,
-            template: dict[str, tuple[tuple[int, ...], Any]]
+            template: dict[str, tuple[tuple[int, ...], Any, Any]]
             ) -> Iterator[dict[str, np.ndarray]]:
-  """``num_batches`` batches of ``size`` rows, the last ones padded with zero rows of the
-  ``template``'s (shape per row, dtype) for each key, plus "mask" (1 = real row)."""
+  """``num_batches`` batches of ``size`` rows, the last ones padded with rows of the
+  ``template``'s (shape per row, dtype, fill value) for each key, plus "mask" (1 = real
+  row)."""
   for _ in range(num_batches):
     batch = next(batches, None)
     real = 0 if batch is None else len(batch["label"])
@@ -303,8 +301,9 @@ def _padded(batches: Iterator[dict[str, np.ndarray]], num_batches: int, size: in
       yield {**batch, "mask": np.ones((size,), np.float32)}
       continue
     padded = {}
-    for key, (shape, dtype) in template.items():
-      padded[key] = np.zeros((size, *shape), dtype)
+    for key, (shape, dtype, fill) in template.items():
+      padded[key] = np.empty((size, *shape), dtype)
+      padded[key][...] = fill
       if real:
         padded[key][:real] = batch[key]
     padded["mask"] = (np.arange(size) < real).astype(np.float32)

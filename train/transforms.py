@@ -154,7 +154,16 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
   """Inception-style crop (timm's RandomResizedCrop): area fraction uniform in
   [min_area, 1], log aspect ratio uniform in log(ratio), 10 tries, else a centred crop of
   the clamped aspect ratio; resized to (size, size)."""
-  h, w, _ = image.shape
+  top, left, ch, cw = random_resized_box(image.shape[:2], rng, min_area, ratio)
+  return resize(image, size, size, box=(left, top, left + cw, top + ch))
+
+
+def random_resized_box(shape: tuple[int, int], rng: np.random.Generator,
+                       min_area: float = 0.08, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                       ) -> tuple[int, int, int, int]:
+  """The (top, left, height, width) window that :func:`random_resized_crop` draws from an
+  image of ``shape`` (H, W)."""
+  h, w = shape
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
     area = h * w * rng.uniform(min_area, 1.0)
@@ -164,7 +173,7 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     if 0 < cw <= w and 0 < ch <= h:
       top = int(rng.integers(0, h - ch + 1))
       left = int(rng.integers(0, w - cw + 1))
-      return resize(image, size, size, box=(left, top, left + cw, top + ch))
+      return top, left, ch, cw
   aspect = w / h
   if aspect < ratio[0]:
     cw, ch = w, int(round(w / ratio[0]))
@@ -172,20 +181,34 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     ch, cw = h, int(round(h * ratio[1]))
   else:
     cw, ch = w, h
-  top, left = (h - ch) // 2, (w - cw) // 2
-  return resize(image, size, size, box=(left, top, left + cw, top + ch))
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def center_crop(image: np.ndarray, size: int, crop_pct: float = 0.875) -> np.ndarray:
   """Resizes the shorter side to floor(size / crop_pct), then takes the central
   (size, size) window (timm's eval transform)."""
-  h, w, _ = image.shape
+  nh, nw, top, left = _center_crop_geometry(image.shape[:2], size, crop_pct)
+  image = resize(image, nh, nw)
+  return image[top:top + size, left:left + size]
+
+
+def _center_crop_geometry(shape: tuple[int, int], size: int, crop_pct: float
+                          ) -> tuple[int, int, int, int]:
+  """:func:`center_crop`'s resized (height, width) and the window's (top, left) in it."""
+  h, w = shape
   short = math.floor(size / crop_pct)
   nh, nw = (short, max(short, round(w * short / h))) if h <= w else (
       max(short, round(h * short / w)), short)
-  image = resize(image, nh, nw)
-  top, left = (nh - size) // 2, (nw - size) // 2
-  return image[top:top + size, left:left + size]
+  return nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
+def _device_view(example: dict[str, Any], box: tuple[float, float, float, float],
+                 mirror: bool) -> dict[str, Any]:
+  """The stored image with the source window that the device resizes to the output
+  ((top, left, height, width) in source pixels, float32; outside the image is zero
+  padding) and whether it then mirrors it."""
+  return {"image": example["image"], "label": example["label"],
+          "box": np.asarray(box, np.float32), "mirror": np.bool_(mirror)}
 
 
 # ------------------------------------------------- pipeline steps (top level: picklable)
@@ -217,9 +240,9 @@ class Decode:
 class TrainAugment:
   """Random-resized crop, or resize + random crop with padding; then optional flip.
 
-  With ``on_device`` (resize + crop only) the image is left as it is and the draws travel
-  with it: "offset" (int32 (2,): the crop window's top-left corner from the resized
-  image's, as :func:`resize_and_crop` takes it) and "mirror" (bool), for
+  With ``on_device`` the image is left as it is and the draws travel with it: "box"
+  (float32 (4,): the source window (top, left, height, width) that becomes the output,
+  reaching into the zero padding for a padded crop) and "mirror" (bool), for
   ``train.device_augment`` to apply in the jitted step. The draws are the same as the
   host's, in the same order, so both paths see the same crops for a seed.
   """
@@ -230,14 +253,12 @@ class TrainAugment:
   min_area: float = 0.08
   on_device: bool = False
 
-  def __post_init__(self):
-    if self.on_device and self.random_resized_crop:
-      raise ValueError("The random-resized crop runs on the host only; set "
-                       "data.augment_on_device=False, or use crop_padding and flip.")
-
   def __call__(self, example: dict[str, np.ndarray], rng: np.random.Generator):
     image = example["image"]
     if self.random_resized_crop:
+      if self.on_device:
+        box = random_resized_box(image.shape[:2], rng, self.min_area)
+        return _device_view(example, box, self.flip and rng.random() < 0.5)
       image = random_resized_crop(image, rng, self.image_size, self.min_area)
       if self.flip:
         image = random_flip(image, rng)
@@ -247,8 +268,9 @@ class TrainAugment:
     offset = (rng.integers(0, 2 * padding + 1, size=2) - padding) if padding > 0 else (0, 0)
     mirror = self.flip and rng.random() < 0.5
     if self.on_device:
-      return {"image": image, "label": example["label"],
-              "offset": np.asarray(offset, np.int32), "mirror": np.bool_(mirror)}
+      (h, w), size = image.shape[:2], self.image_size
+      top, left = (int(v) for v in offset)
+      return _device_view(example, (top * h / size, left * w / size, h, w), mirror)
     if padding > 0:
       image = resize_and_crop(image, self.image_size, offset, mirror)
     else:
@@ -259,23 +281,22 @@ class TrainAugment:
 @dataclasses.dataclass(frozen=True)
 class EvalResize:
   """Deterministic eval view: centre crop after resize (ImageNet-style) or plain resize.
-  With ``on_device`` (plain resize only) the image is left as it is, with a zero "offset"
-  and a false "mirror" for ``train.device_augment`` (see :class:`TrainAugment`)."""
+  With ``on_device`` the image is left as it is, with the "box" of that view and a false
+  "mirror" for ``train.device_augment`` (see :class:`TrainAugment`)."""
   image_size: int
   crop: bool = False
   crop_pct: float = 0.875
   on_device: bool = False
 
-  def __post_init__(self):
-    if self.on_device and self.crop:
-      raise ValueError("The eval centre crop runs on the host only; set "
-                       "data.augment_on_device=False.")
-
   def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     image = example["image"]
     if self.on_device:
-      return {"image": image, "label": example["label"],
-              "offset": np.zeros((2,), np.int32), "mirror": np.bool_(False)}
+      (h, w), size = image.shape[:2], self.image_size
+      if not self.crop:
+        return _device_view(example, (0, 0, h, w), False)
+      nh, nw, top, left = _center_crop_geometry((h, w), size, self.crop_pct)
+      return _device_view(example, (top * h / nh, left * w / nw, size * h / nh,
+                                    size * w / nw), False)
     if self.crop:
       image = center_crop(image, self.image_size, self.crop_pct)
     else:
@@ -296,7 +317,7 @@ class Collate:
   passes over the batch and a page fault per 4 KiB of every image.
 
   With ``on_device`` (``data.augment_on_device``) the images are batched at their stored
-  size and never normalised here (float ones stay in [0, 1]), and the examples' "offset"
+  size and never normalised here (float ones stay in [0, 1]), and the examples' "box"
   and "mirror" are batched too, for ``train.device_augment``.
   """
   mean: tuple[float, ...]
@@ -321,7 +342,7 @@ class Collate:
       for target, source in zip(images, sources):
         _fill(target, source)
       return {"image": images, "label": labels,
-              "offset": np.stack([example["offset"] for example in examples]),
+              "box": np.stack([example["box"] for example in examples]),
               "mirror": np.asarray([example["mirror"] for example in examples], np.bool_)}
     if sources[0].dtype == np.uint8:
       images = np.empty((len(examples), h, w, len(self.mean)), np.uint8)

@@ -1,4 +1,4 @@
-"""Tests of train/device_augment.py and ``data.augment_on_device``: the jitted resize, crop
+"""Tests of train/device_augment.py and ``data.augment_on_device``: the jitted resize, crops
 and flip against the host's (train.transforms) image by image, whole pipelines against the
 host pipeline for the same seed, the trainer's steps on both kinds of batch, and the errors
 that name the fix."""
@@ -19,9 +19,14 @@ from tests.train.test_data import _config
 from tests.train.test_trainer import tiny_config
 
 
-def _device(images, size, offsets, mirror):
-  return np.asarray(jax.jit(device_augment.resize_and_crop, static_argnums=1)(
-      jnp.asarray(images), size, jnp.asarray(offsets, jnp.int32), jnp.asarray(mirror)))
+def _device(images, size, boxes, mirror):
+  return np.asarray(jax.jit(device_augment.crop_and_resize, static_argnums=1)(
+      jnp.asarray(images), size, jnp.asarray(boxes, jnp.float32), jnp.asarray(mirror)))
+
+
+def _padded_crop_boxes(offsets, side, size):
+  """resize_and_crop's windows, (top, left) from the resized image's, in source pixels."""
+  return [(r * side / size, c * side / size, side, side) for r, c in offsets]
 
 
 @pytest.mark.parametrize("side,size,padding", [
@@ -38,7 +43,7 @@ def test_matches_the_host_float_path_image_by_image(side, size, padding):
   offsets = np.array([[-padding, -padding], [padding, padding], [-padding, padding],
                       [0, 0], [1, -2], [padding - 1, 3]], np.int32)
   mirror = np.array([False, True, True, False, True, False])
-  got = _device(images, size, offsets, mirror)
+  got = _device(images, size, _padded_crop_boxes(offsets, side, size), mirror)
   assert got.shape == (6, size, size, 3) and got.dtype == np.float32
   for n in range(6):
     want = transforms.resize_and_crop(images[n], size, tuple(offsets[n]), bool(mirror[n]))
@@ -57,25 +62,57 @@ def test_uint8_pixels_keep_their_scale_within_the_host_rounding():
   images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   offsets = np.array([[-4, 3], [0, 0], [4, -4], [2, 2]], np.int32)
   mirror = np.array([True, False, False, True])
-  got = _device(images, 56, offsets, mirror)
+  boxes = _padded_crop_boxes(offsets, 32, 56)
+  got = _device(images, 56, boxes, mirror)
   for n in range(4):
     want = transforms.resize_and_crop(images[n], 56, tuple(offsets[n]), bool(mirror[n]))
     assert want.dtype == np.uint8
     diff = np.abs(got[n] - want.astype(np.float32))
     assert diff.max() <= 1.01 and diff.mean() < 0.4
   # Against a float mirror of the same pixels the device result is exact (no rounding).
-  floats = _device(images.astype(np.float32) / 255, 56, offsets, mirror)
+  floats = _device(images.astype(np.float32) / 255, 56, boxes, mirror)
   np.testing.assert_allclose(got / 255, floats, atol=1e-6)
+
+
+@pytest.mark.parametrize("side,size", [(32, 224), (32, 16), (20, 20)])
+def test_random_resized_crops_match_the_host(side, size):
+  # The windows random_resized_crop draws (any area from 8% up, so shrinking and
+  # enlarging both occur at 16), resized by Pillow on the host with its box.
+  rng = np.random.default_rng(size)
+  images = rng.random((8, side, side, 3)).astype(np.float32)
+  draws = np.random.default_rng(7)
+  boxes = [transforms.random_resized_box((side, side), draws) for _ in range(8)]
+  mirror = np.arange(8) % 3 == 0
+  got = _device(images, size, boxes, mirror)
+  for n, (top, left, height, width) in enumerate(boxes):
+    want = transforms.resize(images[n], size, size, box=(left, top, left + width,
+                                                         top + height))
+    want = want[:, ::-1] if mirror[n] else want
+    np.testing.assert_allclose(got[n], want, atol=1e-5, rtol=0)
+  # The same generator state gives the host's crop and the device's window.
+  host = transforms.random_resized_crop(images[0], np.random.default_rng(7), size)
+  np.testing.assert_allclose(_device(images[:1], size, boxes[:1], [False])[0], host,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,crop", [((32, 32), True), ((24, 40), True),
+                                        ((40, 24), True), ((24, 40), False)])
+def test_eval_views_match_the_host(shape, crop):
+  image = np.random.default_rng(3).random((*shape, 3)).astype(np.float32)
+  view = transforms.EvalResize(20, crop=crop, crop_pct=0.8, on_device=True)(
+      {"image": image, "label": 1})
+  host = transforms.EvalResize(20, crop=crop, crop_pct=0.8)({"image": image, "label": 1})
+  assert view["image"] is image and not view["mirror"] and view["box"].dtype == np.float32
+  got = _device(image[None], 20, view["box"][None], [False])[0]
+  np.testing.assert_allclose(got, host["image"], atol=1e-5, rtol=0)
 
 
 def test_shape_errors_name_the_expected_shapes():
   images = jnp.zeros((2, 8, 8, 3), jnp.uint8)
   with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
-    device_augment.resize_and_crop(images[0], 8, jnp.zeros((2, 2), jnp.int32),
-                                   jnp.zeros((2,), bool))
-  with pytest.raises(ValueError, match=r"offsets of shape \(2, 2\)"):
-    device_augment.resize_and_crop(images, 8, jnp.zeros((2,), jnp.int32),
-                                   jnp.zeros((2,), bool))
+    device_augment.crop_and_resize(images[0], 8, jnp.zeros((2, 4)), jnp.zeros((2,), bool))
+  with pytest.raises(ValueError, match=r"boxes of shape \(2, 4\)"):
+    device_augment.crop_and_resize(images, 8, jnp.zeros((2, 2)), jnp.zeros((2,), bool))
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -90,7 +127,7 @@ def _data_config(**overrides):
 
 
 def _prepared(batch, spec):
-  arrays = {k: jnp.asarray(batch[k]) for k in ("image", "offset", "mirror")}
+  arrays = {k: jnp.asarray(batch[k]) for k in ("image", "box", "mirror")}
   return np.asarray(device_augment.prepare_images(arrays, spec.image_size, spec.mean,
                                                   spec.std))
 
@@ -111,10 +148,11 @@ def test_digits_pipeline_equals_the_host_pipeline():
   host, device, spec = _both(_data_config(), 3)
   mirrored = 0
   for want, got in zip(host, device):
-    assert set(got) == {"image", "label", "offset", "mirror"}
+    assert set(got) == {"image", "label", "box", "mirror"}
     assert got["image"].shape == (12, 16, 16, 1) and got["image"].dtype == np.float32
-    assert got["offset"].dtype == np.int32 and got["mirror"].dtype == np.bool_
-    assert np.abs(got["offset"]).max() <= 2
+    assert got["box"].dtype == np.float32 and got["mirror"].dtype == np.bool_
+    # Padded crops of the stored 16 x 16 digits: windows of 16 x 16 moved by up to 2.
+    assert np.all(got["box"][:, 2:] == 16) and np.abs(got["box"][:, :2]).max() <= 2
     np.testing.assert_array_equal(got["label"], want["label"])
     np.testing.assert_allclose(_prepared(got, spec), want["image"], atol=1e-6)
     mirrored += int(got["mirror"].sum())
@@ -148,10 +186,31 @@ def test_uint8_pipeline_matches_the_host_pipeline(name, channels, size):
     diff = np.abs(_prepared(got, spec)[real] - expected[real]) * levels
     assert diff.max() <= 1.01 and diff.mean() < 0.4, (diff.max(), diff.mean())
   # 30 eval examples in batches of 8: the last holds 6 real rows and 2 of zero padding at
-  # the stored size, with no crop offset and no flip.
+  # the stored size, each with the whole image as its window (finite once resized).
   last = device_eval[-1]
   np.testing.assert_array_equal(last["mask"], [1] * 6 + [0] * 2)
-  assert not last["image"][6:].any() and not last["offset"].any() and not last["mirror"].any()
+  assert not last["image"][6:].any() and not last["mirror"].any()
+  np.testing.assert_array_equal(last["box"], [[0, 0, stored, stored]] * 8)
+  assert np.isfinite(_prepared(last, spec)).all()
+
+
+def test_random_resized_crop_pipeline_matches_the_host_pipeline():
+  # The ImageNet recipe (random-resized crop and flip; eval resize to 20 and centre crop)
+  # on a source of one stored size, the digits at 16 x 16.
+  config = _data_config(image_size=16)
+  config.augment.update({"random_resized_crop": True, "crop_padding": 0})
+  config.crop_pct = 0.8
+  host, device, spec = _both(config, 2)
+  device_config = config.copy_and_resolve_references()
+  device_config.augment_on_device = True
+  host_eval = list(data.eval_batches(config, batch_size=100))
+  device_eval = list(data.eval_batches(device_config, batch_size=100))
+  assert device[0]["image"].shape[1:3] == (16, 16)
+  assert len(np.unique(device[0]["box"][:, 2])) > 3  # windows of many sizes
+  for want, got in zip(host + host_eval, device + device_eval):
+    np.testing.assert_array_equal(got["label"], want["label"])
+    real = want.get("mask", np.ones(len(want["label"]))) == 1
+    np.testing.assert_allclose(_prepared(got, spec)[real], want["image"][real], atol=1e-5)
 
 
 def test_worker_processes_and_resumed_iterators_give_the_same_batches():
@@ -170,20 +229,12 @@ def test_worker_processes_and_resumed_iterators_give_the_same_batches():
   for n, want in enumerate(batches):
     others = [next(with_workers)] + ([next(fresh)] if n >= 2 else [])
     for got in others:
-      for key in ("image", "label", "offset", "mirror"):
+      for key in ("image", "label", "box", "mirror"):
         np.testing.assert_array_equal(got[key], want[key])
   with_workers.close()
 
 
 def test_errors_name_the_fix(tmp_path):
-  with pytest.raises(ValueError, match="augment_on_device=False"):
-    config = _data_config(augment_on_device=True)
-    config.augment.random_resized_crop = True
-    data.parse_data_config(config)
-  with pytest.raises(ValueError, match="augment_on_device=False"):
-    transforms.TrainAugment(16, random_resized_crop=True, on_device=True)
-  with pytest.raises(ValueError, match="augment_on_device=False"):
-    transforms.EvalResize(16, crop=True, on_device=True)
   # A folder of images of two sizes cannot be batched before they are resized.
   for i, width in enumerate((10, 12)):
     (tmp_path / "train" / "cat").mkdir(parents=True, exist_ok=True)

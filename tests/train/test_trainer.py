@@ -370,25 +370,31 @@ TINY_FLAGS = [f"--config.model={TINY}", "--config.data.image_size=8",
 
 
 def test_two_devices_match_one(tmp_path_factory):
+  # Also with the augmentation made in the step, its batch (images, windows, flips)
+  # sharded over the two devices: the digits' padded crops are exact on both paths.
   cache = tmp_path_factory.getbasetemp() / "jax_cache"
   runs = {}
-  for devices in (1, 2):
+  for devices, on_device in ((1, False), (2, False), (2, True)):
     workdir = tmp_path_factory.mktemp(f"devices{devices}")
-    runs[devices] = (workdir, subprocess.Popen(
-        [sys.executable, "-m", "train", f"--workdir={workdir}", *TINY_FLAGS], cwd=ROOT,
+    flags = [*TINY_FLAGS, f"--config.data.augment_on_device={on_device}",
+             "--config.data.augment.flip=True"]
+    runs[devices, on_device] = (workdir, subprocess.Popen(
+        [sys.executable, "-m", "train", f"--workdir={workdir}", *flags], cwd=ROOT,
         env=cli_env(cache, devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))
   losses = {}
-  for devices, (workdir, proc) in runs.items():
+  for (devices, on_device), (workdir, proc) in runs.items():
     out, err = proc.communicate(timeout=540)
     assert proc.returncode == 0, err[-3000:]
     with open(workdir / "results.json") as f:
       assert json.load(f)["devices"] == devices
     rows = metrics_lib.read_metrics(str(workdir / "metrics.jsonl"))
-    losses[devices] = [(r["step"], r["loss"], r["grad_norm"]) for r in rows
-                       if r["split"] == "train"]
-  assert [s for s, _, _ in losses[1]] == [1, 2, 3, 4]
-  np.testing.assert_allclose(np.array(losses[2]), np.array(losses[1]), rtol=1e-5, atol=1e-6)
+    losses[devices, on_device] = [(r["step"], r["loss"], r["grad_norm"]) for r in rows
+                                  if r["split"] == "train"]
+  one = np.array(losses[1, False])
+  assert one[:, 0].tolist() == [1, 2, 3, 4]
+  np.testing.assert_allclose(np.array(losses[2, False]), one, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.array(losses[2, True]), one, rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_steps_compile_with_the_conv_options(monkeypatch):

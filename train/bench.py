@@ -67,8 +67,9 @@ JSON (``--out``): a list of objects, each with ``kind``:
     images_per_second of ``train.data.train_dataset`` as the trainer reads it (uint8
     sources stay uint8 for the device to normalise), image_dtype (of its batches), model,
     model_images_per_second (the fastest model's), ratio_vs_model (pipeline / model: >= 1
-    means it keeps up), augment_on_device (``--augment_on_device``: the resize, crop and
-    flip left to the jitted step), stored_image_shape (of the batches' images as shipped),
+    means it keeps up), augment_on_device (true in the second row that
+    ``--augment_on_device`` adds: the resize, crop and flip left to the jitted step),
+    stored_image_shape (of the batches' images as shipped),
     device_augment_s (median seconds of that device work on one batch, else null; added
     to the model's time per batch in model_images_per_second and the ratio).
 """
@@ -193,8 +194,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--pipeline_workers", type=int, default=0,
                  help="grain worker processes for --pipeline (data.worker_count)")
   p.add_argument("--augment_on_device", action="store_true",
-                 help="--pipeline with data.augment_on_device: resize, crop and flip in the "
-                      "jitted step (train.device_augment), timed and charged to the model")
+                 help="--pipeline a second time with data.augment_on_device: resize, crop "
+                      "and flip in the jitted step (train.device_augment), timed and charged "
+                      "to the model")
   p.add_argument("--sampler", action="store_true")
   p.add_argument("--profile", action="store_true",
                  help="trace --profile_steps more steps per model and sum its XLA operations "
@@ -284,10 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pipeline:
       # The fastest model is the hardest consumer to keep fed.
       first = max(model_rows, key=lambda r: r["images_per_second"])
-      rows.append(bench_pipeline(args.data, batch=args.batch, image_shape=first["image_shape"],
-                                 warmup=2, batches=args.pipeline_batches, model_row=first,
-                                 workers=args.pipeline_workers,
-                                 augment_on_device=args.augment_on_device))
+      for on_device in (False, True) if args.augment_on_device else (False,):
+        rows.append(bench_pipeline(
+            args.data, batch=args.batch, image_shape=first["image_shape"], warmup=2,
+            batches=args.pipeline_batches, model_row=first, workers=args.pipeline_workers,
+            augment_on_device=on_device))
   except ValueError as err:
     print(f"train.bench: {err}", file=sys.stderr)
     return 2

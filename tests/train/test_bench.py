@@ -252,7 +252,8 @@ def test_pipeline_augmented_on_the_device_charges_the_model(tmp_path, capsys):
   out = tmp_path / "bench.json"
   assert bench.main([*TINY, "--pipeline", "--pipeline_batches=2", "--augment_on_device",
                      f"--out={out}"]) == 0
-  pipeline = json.loads(out.read_text())[-1]
+  host, pipeline = json.loads(out.read_text())[-2:]
+  assert host["kind"] == "pipeline" and not host["augment_on_device"]
   # The digits source makes its images at the model's size: the device only crops them.
   assert pipeline["augment_on_device"] and pipeline["device_augment_s"] > 0
   assert pipeline["stored_image_shape"] == pipeline["image_shape"]

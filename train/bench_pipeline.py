@@ -17,11 +17,11 @@ All three are augmented as CIFAR is (resize to the image size, random crop with 
 as padding, random flip) and uint8 sources stay uint8 for the device to normalise.
 
 With ``augment_on_device`` (``data.augment_on_device``; ``train.bench --augment_on_device``
-adds such a row after the host-augmented one) the pipeline leaves the resize, crop and flip to the jitted step
-(``train.device_augment``) and ships the images at their stored size; the row then also
-times that device work on one of the pipeline's batches (``device_augment_s``) and
-charges it to the model: ``ratio_vs_model`` compares the pipeline with the model's step
-plus the augmentation.
+adds such a row after the host-augmented one) the pipeline leaves the resize, crop and
+flip to the jitted step (``train.device_augment``) and ships the images at their stored
+size; the row then also times that device work on one of the pipeline's batches
+(``device_augment_s``) and charges it to the model: ``ratio_vs_model`` compares the
+pipeline with the model's step plus the augmentation.
 """
 
 from __future__ import annotations

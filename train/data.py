@@ -17,8 +17,8 @@ std, worker_count, seed, normalize_on_device (True: the trainer asks for uint8 p
 from uint8 sources and normalises them in its jitted step), augment_on_device (True:
 batches of images at their stored size with each one's crop window and flip, which
 ``train.device_augment`` applies in the jitted step; sources of one image size only).
-Optional keys: ``crop_pct``
-(0.875; eval resize-then-centre-crop used with random_resized_crop, timm's convention),
+Optional keys: ``crop_pct`` (0.875; eval resize-then-centre-crop used with
+random_resized_crop, timm's convention),
 ``num_threads`` / ``prefetch_batches`` (4 / 4, reader threads and batches read ahead),
 digits ``placement`` ("resize" or "pad"), distorted digits ``train_copies``,
 ``eval_copies``, ``max_rotation``, ``scale_range``, ``clutter``, ``digit_size``,
@@ -208,9 +208,9 @@ def train_dataset(data_config: Any, *, batch_size: int, seed: int, process_index
   Yields {"image": float32 (batch_size, H, W, C) normalised, "label": int32 (batch_size,)}.
   With ``keep_uint8``, a source of uint8 images (tfds, image folders, distorted digits)
   yields them as uint8 (batch_size, H, W, C) pixels instead, for ``normalize_images`` in
-  ``train.device_augment`` to normalise on the device. With ``data.augment_on_device`` the images
-  are the source's, unresized and unnormalised (uint8, or float in [0, 1]), and the batch
-  adds "box" float32 (batch_size, 4) and "mirror" bool (batch_size,) for
+  ``train.device_augment`` to normalise on the device. With ``data.augment_on_device``
+  the images are the source's, unresized and unnormalised (uint8, or float in [0, 1]), and
+  the batch adds "box" float32 (batch_size, 4) and "mirror" bool (batch_size,) for
   ``train.device_augment``. ``batch_size`` is per process.
   Deterministic in ``seed``; worker processes are used only when ``data.worker_count > 0``.
   """

@@ -123,6 +123,11 @@ def parse_data_config(config: Any) -> DataSpec:
     raise ValueError("data.name='folder' needs config.data.data_dir: the folder holding "
                      "<split>/<class>/*.png|jpg.")
   augment_on_device = bool(_get(config, "augment_on_device", False))
+  normalize_on_device = bool(_get(config, "normalize_on_device", True))
+  if augment_on_device and not normalize_on_device:
+    raise ValueError("data.augment_on_device=True normalises the images on the device as "
+                     "well, after resizing them; drop data.normalize_on_device=False, or "
+                     "set data.augment_on_device=False.")
   extras = ("placement",) if name == "digits" else (
       "train_copies", "eval_copies", "max_rotation", "scale_range", "clutter",
       "digit_size", "clutter_size") if name == "distorted_digits" else ()
@@ -144,8 +149,8 @@ def parse_data_config(config: Any) -> DataSpec:
       num_threads=_int(_get(config, "num_threads", 4), "data.num_threads", 0),
       prefetch_batches=_int(_get(config, "prefetch_batches", 4), "data.prefetch_batches", 1),
       seed=_int(_get(config, "seed", 0), "data.seed", 0),
-      normalize_on_device=bool(_get(config, "normalize_on_device", True)),
-      augment_on_device=augment_on_device, options=tuple(options))
+      normalize_on_device=normalize_on_device, augment_on_device=augment_on_device,
+      options=tuple(options))
 
 
 def _spec(config: Any) -> DataSpec:

@@ -235,6 +235,9 @@ def test_worker_processes_and_resumed_iterators_give_the_same_batches():
 
 
 def test_errors_name_the_fix(tmp_path):
+  # Resized on the device means normalised there too.
+  with pytest.raises(ValueError, match="drop data.normalize_on_device=False"):
+    data.parse_data_config(_data_config(augment_on_device=True, normalize_on_device=False))
   # A folder of images of two sizes cannot be batched before they are resized.
   for i, width in enumerate((10, 12)):
     (tmp_path / "train" / "cat").mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax.conv import conv_general_dilated
-from attention_flax.layers.common import check_images, get_act
+from attention_flax.layers.common import get_act
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
-from attention_flax.models.common import ModelEntry
+from attention_flax.models.common import ModelEntry, check_model_images
 
 Array = jax.Array
 
@@ -120,7 +120,7 @@ class ResidualAttentionNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
+    check_model_images(x, type(self).__name__)
     self._check()
     common = dict(bottleneck_ratio=self.bottleneck_ratio, act=self.act,
                   bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,

@@ -34,7 +34,7 @@ from attention_flax.fusion import materialize
 from attention_flax.layers import ATTENTIONS, list_attentions
 from attention_flax.layers.common import check_images, get_act
 from attention_flax.layers.norm import TorchBatchNorm
-from attention_flax.models.common import ModelEntry
+from attention_flax.models.common import ModelEntry, check_model_images
 from attention_flax.pool import max_pool
 
 Array = jax.Array
@@ -352,7 +352,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
+    check_model_images(x, type(self).__name__)
     down = self._check_config()
     block_norm = functools.partial(self.norm, momentum=self.bn_momentum,
                                    epsilon=self.bn_epsilon)

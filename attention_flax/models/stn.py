@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax.conv import conv_general_dilated
-from attention_flax.layers.common import check_images, get_act
+from attention_flax.layers.common import get_act
 from attention_flax.layers.transformer import SpatialTransformer
-from attention_flax.models.common import ModelEntry
+from attention_flax.models.common import ModelEntry, check_model_images
 
 Array = jax.Array
 
@@ -53,7 +53,7 @@ class DigitsCNN(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     """(N, H, W, C) images -> (N, num_classes) float32 logits."""
-    check_images(x, type(self).__name__)
+    check_model_images(x, type(self).__name__)
     min_side = 2 ** len(self.features)
     if min(x.shape[1:3]) < min_side:
       raise ValueError(f"DigitsCNN with {len(self.features)} stages needs inputs of at least "
@@ -101,7 +101,7 @@ class STNClassifier(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     """(N, H, W, C) images -> (N, num_classes) float32 logits."""
-    check_images(x, type(self).__name__)
+    check_model_images(x, type(self).__name__)
     y = SpatialTransformer(out_size=self.out_size, localization=self.localization,
                            loc_features=self.loc_features, loc_hidden=self.loc_hidden,
                            mode=self.mode, padding_mode=self.padding_mode,

@@ -136,3 +136,33 @@ def test_every_model_builds_abstractly(name):
   logits, variables = jax.eval_shape(model.init_with_output, KEY, x)
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
   assert count_params(variables) > 0
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_refuses_channels_first_images(name):
+  """A PyTorch-layout batch is refused before the first layer, with the transpose to
+  make; read as NHWC it would build a model of H input channels without complaint."""
+  entry = MODELS[name]
+  model = create_model(name, num_classes=7)
+  side = entry.input_size
+  nchw = jax.ShapeDtypeStruct((2, entry.in_channels, side, side), jnp.float32)
+  with pytest.raises(ValueError, match=r"channels-first.*transpose\(0, 2, 3, 1\)"):
+    jax.eval_shape(model.init, KEY, nchw)
+  # The same batch in NHWC builds (test_every_model_builds_abstractly checks the rest).
+  nhwc = jax.ShapeDtypeStruct((2, side, side, entry.in_channels), jnp.float32)
+  jax.eval_shape(model.init, KEY, nhwc)
+
+
+@pytest.mark.parametrize("shape, refused", [
+    ((2, 3, 32, 32), True), ((2, 1, 8, 8), True), ((2, 4, 64, 48), True),
+    ((2, 3, 240, 320), True),
+    ((2, 32, 32, 3), False), ((2, 8, 8, 1), False), ((2, 3, 4, 8), False),
+    ((2, 2, 32, 32), False), ((2, 3, 32, 4), False), ((1, 5, 5, 16), False)])
+def test_channels_first_check_by_shape(shape, refused):
+  from attention_flax.models.common import check_model_images
+  x = jnp.zeros(shape)
+  if refused:
+    with pytest.raises(ValueError, match=rf"got shape \({shape[0]}, {shape[1]},"):
+      check_model_images(x, "Model")
+  else:
+    check_model_images(x, "Model")

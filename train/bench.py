@@ -21,7 +21,9 @@ each SE / ECA / CBAM ResNet, the same model with ``fold_gate=False`` (the gate a
 after the block's last batch norm instead of folded into it), compared with the same
 backbone. ``--xla_spatial_conv`` adds, after each model with a CBAM or spatial gate, the
 same model with that gate's convolution as XLA's on every backend (``conv_impl="xla"``;
-the default runs it as a banded product on CPU and CUDA).
+the default runs it as a banded product on CPU and CUDA). ``--gate_float32``, with
+``--dtype=bfloat16``, adds after each attention ResNet the same model with its attention
+layers in float32 (``attn_kwargs={"dtype": "float32"}``), the rest in bfloat16.
 ``--profile`` then traces ``--profile_steps`` more steps of each model and sums the XLA
 operations by kind and name (``train/bench_profile.py``); ``--pipeline`` measures the input
 pipeline on ``--data`` (``train/bench_pipeline.py``), ``--sampler`` the STN sampler
@@ -45,7 +47,8 @@ JSON (``--out``): a list of objects, each with ``kind``:
     ``{}`` with ``--xla_defaults`` or on other backends).
   "model": model, model_kwargs (``{}``, or ``{"fold_gate": false}`` for the extra rows of
     ``--unfolded``, ``{"attn_kwargs": {..., "conv_impl": "xla"}}`` for those of
-    ``--xla_spatial_conv``), batch, image_shape, dtype, num_classes, params, step_time_median_s,
+    ``--xla_spatial_conv``, ``{"attn_kwargs": {..., "dtype": "float32"}}`` for those of
+    ``--gate_float32``), batch, image_shape, dtype, num_classes, params, step_time_median_s,
     step_time_min_s, step_time_max_s, images_per_second, compile_time_s (lower + compile),
     peak_memory_bytes, peak_memory_source ("device_peak_bytes_in_use", or
     "process_peak_rss", the whole process's peak so far, cumulative over models),
@@ -87,7 +90,7 @@ import jax
 
 from train import bench_conv, bench_profile
 from train.bench_models import (OurStep, backbone_of, bench_models, folds_gate,  # noqa: F401
-                                sgd_config, spatial_conv_kwargs)
+                                gate_float32_kwargs, sgd_config, spatial_conv_kwargs)
 from train.bench_pipeline import PIPELINE_DATA, bench_pipeline  # noqa: F401
 from train.bench_pipeline import markdown as pipeline_markdown
 from train.bench_sampler import _OurSampler, bench_sampler  # noqa: F401
@@ -160,10 +163,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     if r["kind"] != "model":
       continue
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
-    label = r["model"] + "".join(f" ({k}={v})" for k, v in
-                                 sorted((r.get("model_kwargs") or {}).items()))
     out.append(
-        f"| {label} | {r['batch']} | {'x'.join(map(str, r['image_shape']))} "
+        f"| {bench_profile.model_label(r)} | {r['batch']} | {'x'.join(map(str, r['image_shape']))} "
         f"| {r['step_time_median_s']:.4f} ({r['step_time_min_s']:.4f}-"
         f"{r['step_time_max_s']:.4f}) | {r['images_per_second']:.1f} "
         f"| {r['compile_time_s']:.1f} | {_fmt(mib(r['peak_memory_bytes']), '.0f')} "
@@ -208,6 +209,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--xla_spatial_conv", action="store_true",
                  help="also run each model with a CBAM or spatial gate with that gate's "
                       "convolution as XLA's (conv_impl='xla')")
+  p.add_argument("--gate_float32", action="store_true",
+                 help="with --dtype=bfloat16, also run each attention ResNet with its "
+                      "attention layers in float32 (attn_kwargs dtype float32)")
   p.add_argument("--xla_defaults", action="store_true",
                  help="compile with XLA's default options, not the trainer's CPU options")
   p.add_argument("--convs", action="store_true",
@@ -271,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               warmup=args.warmup, repeats=args.repeats, against=args.against,
                               compiler_options=options, unfolded=args.unfolded,
                               xla_spatial_conv=args.xla_spatial_conv,
+                              gate_float32=args.gate_float32,
                               profile_steps=args.profile_steps if args.profile else 0)
     rows += model_rows
     if args.sampler:

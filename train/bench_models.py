@@ -137,6 +137,18 @@ def spatial_conv_kwargs(name: str) -> dict[str, Any] | None:
                           "conv_impl": "xla"}}
 
 
+def gate_float32_kwargs(name: str) -> dict[str, Any] | None:
+  """The model_kwargs that run the attention layers of the registered ResNet ``name`` in
+  float32 (``attn_kwargs={"dtype": "float32"}``: their small dense or 1-D layers, with
+  float32 parameters used as they are) while the rest of the model keeps the run's dtype;
+  None when it has no attention layer."""
+  model, attn = _model_and_attention(name)
+  if attn is None or "dtype" not in getattr(attn, "__dataclass_fields__", {}):
+    return None
+  return {"attn_kwargs": {**dict(getattr(model, "attn_kwargs", None) or {}),
+                          "dtype": "float32"}}
+
+
 def _progress(message: str) -> None:
   """A line on stderr as each model is ready: long runs show where they are."""
   print(f"train.bench: {message}", file=sys.stderr, flush=True)
@@ -155,6 +167,7 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
                  warmup: int, repeats: int, against: str | None,
                  compiler_options: dict[str, Any],
                  unfolded: bool = False, xla_spatial_conv: bool = False,
+                 gate_float32: bool = False,
                  profile_steps: int = 0) -> list[dict[str, Any]]:
   """One "model" row per name (backbones added); see the module docstring."""
   names = list(dict.fromkeys(names))
@@ -168,6 +181,9 @@ def bench_models(names: Sequence[str], *, batch: int, size: int | None, dtype: s
     if unfolded and folds_gate(name):
       variants.append((name, {"fold_gate": False}))
     if xla_spatial_conv and (kwargs := spatial_conv_kwargs(name)):
+      variants.append((name, kwargs))
+    # Under float32 the variant would be the same program as the default.
+    if gate_float32 and dtype != "float32" and (kwargs := gate_float32_kwargs(name)):
       variants.append((name, kwargs))
   ours, rows = [], []
   for name, kwargs in variants:

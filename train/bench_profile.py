@@ -133,6 +133,12 @@ def profile_step(step: Any, steps: int = 3, top: int = 12) -> dict[str, Any]:
               for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
+def model_label(row: dict[str, Any]) -> str:
+  """A model row's name in the tables: the model, then its variant's ``model_kwargs``."""
+  return row["model"] + "".join(f" ({k}={v})" for k, v in
+                                sorted((row.get("model_kwargs") or {}).items()))
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
   """A table of the profiled model rows (none without ``--profile``)."""
   profiled = [r for r in rows if r.get("kind") == "model" and r.get("profile")]
@@ -147,7 +153,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     after_conv = p["untraced_after"].get("convolution", 0.0)
     cells = [f"{p['by_kind'][k]['s'] * 1e3:.2f} ({p['by_kind'][k]['ops']:.0f})"
              if k in p["by_kind"] else "-" for k in KINDS]
-    out.append(f"| {r['model']} | {p['busy_s'] * 1e3:.2f} / {idle} | "
+    out.append(f"| {model_label(r)} | {p['busy_s'] * 1e3:.2f} / {idle} | "
                f"{p['untraced_s'] * 1e3:.2f} ({after_conv * 1e3:.2f}) | {p['ops']:.0f} | "
                + " | ".join(cells) + " |")
   return out

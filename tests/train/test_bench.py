@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -126,11 +128,13 @@ def test_folds_gate_names_the_se_eca_and_cbam_resnets():
 
 @pytest.mark.parametrize("flag, model, kwargs", [
     ("--unfolded", "test_resnet_tiny_se", {"fold_gate": False}),
-    ("--xla_spatial_conv", "test_resnet_tiny_spatial", {"attn_kwargs": {"conv_impl": "xla"}})])
+    ("--xla_spatial_conv", "test_resnet_tiny_spatial", {"attn_kwargs": {"conv_impl": "xla"}}),
+    ("--gate_float32 --dtype=bfloat16", "test_resnet_tiny_se",
+     {"attn_kwargs": {"dtype": "float32"}})])
 def test_variant_flags_add_a_row_after_the_model(tmp_path, flag, model, kwargs):
   out = tmp_path / "variant.json"
-  rc = bench.main([f"--models={model}", "--batch=2", "--warmup=0", "--repeats=1", flag,
-                   f"--out={out}"])
+  rc = bench.main([f"--models={model}", "--batch=2", "--warmup=0", "--repeats=1",
+                   *flag.split(), f"--out={out}"])
   assert rc == 0
   rows = [r for r in json.loads(out.read_text()) if r["kind"] == "model"]
   assert [(r["model"], r["model_kwargs"]) for r in rows] == [
@@ -140,6 +144,45 @@ def test_variant_flags_add_a_row_after_the_model(tmp_path, flag, model, kwargs):
   for row in rows[1:]:
     assert row["backbone"] == "test_resnet_tiny"
     assert math.isclose(row["overhead_vs_backbone"], row["step_time_median_s"] / base)
+
+
+def test_gate_float32_adds_no_row_under_float32(tmp_path):
+  out = tmp_path / "f32.json"
+  assert bench.main(["--models=test_resnet_tiny_se", "--batch=2", "--warmup=0",
+                     "--repeats=1", "--gate_float32", f"--out={out}"]) == 0
+  rows = [r for r in json.loads(out.read_text()) if r["kind"] == "model"]
+  assert [r["model_kwargs"] for r in rows] == [{}, {}]
+
+
+def test_gate_float32_kwargs_keep_the_models_attention_fields():
+  for name in ("seresnet50", "cbam_resnet50", "ecaresnet50d", "gcresnet50",
+               "test_resnet_tiny_coord"):
+    assert bench.gate_float32_kwargs(name) == {"attn_kwargs": {"dtype": "float32"}}, name
+  for name in ("resnet50", "resnet50d", "attention56", "test_resnet_tiny"):
+    assert bench.gate_float32_kwargs(name) is None, name
+
+
+def test_gate_float32_variant_computes_the_gates_in_float32():
+  """Under bfloat16 the variant's SE layers (folded into the batch norm) take float32
+  parameters as they are and return float32 gates; the default's are bfloat16. Both
+  gates are the same function of the same parameters, up to bfloat16 rounding."""
+  from attention_flax.models import create_model
+  kwargs = bench.gate_float32_kwargs("test_resnet_tiny_se")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  gates = {}
+  for label, extra in (("default", {}), ("float32", kwargs)):
+    model = create_model("test_resnet_tiny_se", num_classes=10, dtype=jnp.bfloat16, **extra)
+    variables = model.init(jax.random.PRNGKey(1), x)
+    variables = {"params": jax.tree.map(lambda p: p + 0.1, variables["params"]),
+                 "batch_stats": variables["batch_stats"]}
+    _, state = model.apply(variables, x, train=True, mutable=["intermediates", "batch_stats"])
+    gates[label] = [g for path, g in jax.tree_util.tree_leaves_with_path(
+        state["intermediates"]) if "channel_gate" in jax.tree_util.keystr(path)]
+  assert gates["default"] and len(gates["default"]) == len(gates["float32"])
+  for low, high in zip(gates["default"], gates["float32"]):
+    assert low.dtype == jnp.bfloat16 and high.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(low, np.float32), high, atol=2e-2)
+    assert not np.array_equal(np.asarray(low, np.float32), np.asarray(high))
 
 
 def test_spatial_conv_kwargs_name_the_models_with_a_spatial_gate():
@@ -168,6 +211,17 @@ def test_profile_sums_the_traced_operations(tmp_path):
   # The SE gate's dense layers add matrix products to the backbone's.
   assert (rows[1]["profile"]["by_kind"]["matmul"]["ops"]
           > rows[0]["profile"]["by_kind"]["matmul"]["ops"])
+
+
+def test_profile_table_names_each_variant():
+  profile = {"busy_s": 0.002, "idle_s": None, "untraced_s": 0.0, "untraced_after": {},
+             "ops": 3, "by_kind": {"matmul": {"s": 0.002, "ops": 3}}}
+  rows = [{"kind": "model", "model": "seresnet50", "model_kwargs": {}, "profile": profile},
+          {"kind": "model", "model": "seresnet50", "profile": profile,
+           "model_kwargs": {"attn_kwargs": {"dtype": "float32"}}}]
+  table = bench_profile.markdown(rows)
+  assert table[3].startswith("| seresnet50 | 2.00 / - | 0.00 (0.00) | 3 |")
+  assert table[4].startswith("| seresnet50 (attn_kwargs={'dtype': 'float32'}) | 2.00 / - |")
 
 
 def test_untraced_gaps_by_the_kind_that_ended_last():

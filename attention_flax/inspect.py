@@ -26,7 +26,7 @@ from flax import linen as nn
 from flax import struct
 from flax.core import unfreeze
 
-from attention_flax.layers.common import check_images
+from attention_flax.models.common import check_model_images
 
 Array = jax.Array
 
@@ -79,7 +79,7 @@ def _check_inputs(model: Any, variables: Any, images: Any, fn: str) -> None:
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise TypeError(f"{fn} expects the model's variables, a mapping with a 'params' entry "
                     "(e.g. {'params': state.params, 'batch_stats': state.batch_stats}).")
-  check_images(images, fn)
+  check_model_images(images, fn)
 
 
 def _apply(model: nn.Module, variables: Any, images: Array, train: bool = False,

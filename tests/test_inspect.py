@@ -203,6 +203,8 @@ def test_grad_cam_errors_name_the_fix():
     ins.grad_cam(model, variables, x, "stage9")
   with pytest.raises(ValueError, match="NHWC"):
     ins.attention_maps(model, variables, x[0])
+  with pytest.raises(ValueError, match=r"channels-first.*transpose\(0, 2, 3, 1\)"):
+    ins.grad_cam(model, variables, jnp.zeros((2, 3, 24, 24)), "stage2")
   with pytest.raises(TypeError, match="params"):
     ins.features(model, {"weights": 1}, x)
   with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):

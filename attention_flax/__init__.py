@@ -25,7 +25,9 @@ from attention_flax.layers import (
     grid_sample,
     list_attentions,
     make_divisible,
+    register_attention,
 )
+from attention_flax import ops
 
 __version__ = "0.1.0"
 
@@ -33,5 +35,5 @@ __all__ = [
     "ATTENTIONS", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
     "GlobalContext", "ResidualAttention", "ResidualUnit", "SpatialAttention",
     "SpatialTransformer", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
-    "grid_sample", "list_attentions", "make_divisible",
+    "grid_sample", "list_attentions", "make_divisible", "ops", "register_attention",
 ]

@@ -32,26 +32,12 @@ from attention_flax.layers.common import check_images, get_act, reduced_width
 Array = jax.Array
 
 
-def squeeze(x: Array | None, pooled: Array | None, name: str) -> Array:
-  """The squeeze of a mean-pooled channel gate: ``mean_hw(x)``, (N, C), or ``pooled``.
-
-  ``pooled`` is that mean computed by the caller: a ResNet block takes it from its last
-  batch norm's statistics pass and folds the returned gate into the norm's scale and shift
-  (``TorchBatchNorm(fold=True)``), so the normalised map is neither pooled nor scaled in
-  passes of their own. Such gates say so with ``gates_from_mean = True``. Exactly one of
-  ``x`` and ``pooled`` is given.
-  """
-  if pooled is None:
-    if x is None:
-      raise ValueError(f"{name} needs its input x, or pooled= (the (N, C) spatial mean).")
-    check_images(x, name)
-    return jnp.mean(x, axis=(1, 2))
-  if x is not None:
-    raise ValueError(f"{name} takes x or pooled=, not both: pass x=None with pooled=.")
-  if pooled.ndim != 2:
-    raise ValueError(f"{name} expects pooled of shape (N, C), the spatial mean of an "
-                     f"(N, H, W, C) map; got shape {pooled.shape}. Use "
-                     "jnp.mean(x, axis=(1, 2)).")
+def check_pooled(pooled: Array, name: str) -> Array:
+  """Raises a clear error unless ``pooled`` is an (N, C) vector of channel statistics."""
+  if getattr(pooled, "ndim", None) != 2:
+    raise ValueError(f"{name}.gate_from_pooled expects (N, C) channel statistics, e.g. "
+                     f"jnp.mean(x, axis=(1, 2)) of an (N, H, W, C) map; got shape "
+                     f"{getattr(pooled, 'shape', None)}.")
   return pooled
 
 
@@ -104,9 +90,9 @@ class SqueezeExcite(nn.Module):
   plain ``C // 16`` is ``rd_divisor=1``. Children ``fc1`` (C -> rd) and ``fc2`` (rd -> C),
   both with bias, as timm's ``SEModule``. Sows ``"channel_gate"`` (N, 1, 1, C).
 
-  ``pooled=``: see :func:`squeeze`; then the gate (N, 1, 1, C) is returned, not applied.
+  :meth:`gate_from_pooled` computes the gate from the (N, C) spatial mean alone.
   """
-  gates_from_mean: ClassVar[bool] = True
+  pools: ClassVar[tuple[str, ...]] = ("mean",)
 
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 8
@@ -116,18 +102,21 @@ class SqueezeExcite(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    check_images(x, type(self).__name__)
+    return x * self.gate_from_pooled(jnp.mean(x, axis=(1, 2))).astype(x.dtype)
+
   @nn.compact
-  def __call__(self, x: Array | None, train: bool = False, *,
-               pooled: Array | None = None) -> Array:
-    squeezed = squeeze(x, pooled, type(self).__name__)
-    channels = squeezed.shape[-1]
+  def gate_from_pooled(self, mean: Array) -> Array:
+    """The gate (N, 1, 1, C) from the channel means (N, C) of the input."""
+    channels = check_pooled(mean, type(self).__name__).shape[-1]
     hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
-    y = nn.Dense(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(squeezed)
+    y = nn.Dense(hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(mean)
     y = get_act(self.act)(y)
     y = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(y)
     gate = get_act(self.gate)(y)[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return gate if pooled is not None else x * gate.astype(x.dtype)
+    return gate
 
 
 class EffectiveSE(nn.Module):
@@ -135,23 +124,26 @@ class EffectiveSE(nn.Module):
 
   No reduction, so no information is lost in a bottleneck; timm's hard sigmoid is
   ``relu6(x + 3) / 6`` (``jax.nn.hard_sigmoid``). Input and output (N, H, W, C); child ``fc``;
-  sows ``"channel_gate"`` (N, 1, 1, C). ``pooled=``: as :class:`SqueezeExcite`.
+  sows ``"channel_gate"`` (N, 1, 1, C); :meth:`gate_from_pooled` as :class:`SqueezeExcite`.
   """
-  gates_from_mean: ClassVar[bool] = True
+  pools: ClassVar[tuple[str, ...]] = ("mean",)
 
   gate: str | Callable = "hard_sigmoid"
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    check_images(x, type(self).__name__)
+    return x * self.gate_from_pooled(jnp.mean(x, axis=(1, 2))).astype(x.dtype)
+
   @nn.compact
-  def __call__(self, x: Array | None, train: bool = False, *,
-               pooled: Array | None = None) -> Array:
-    squeezed = squeeze(x, pooled, type(self).__name__)
-    y = nn.Dense(squeezed.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="fc")(squeezed)
+  def gate_from_pooled(self, mean: Array) -> Array:
+    """The gate (N, 1, 1, C) from the channel means (N, C) of the input."""
+    channels = check_pooled(mean, type(self).__name__).shape[-1]
+    y = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(mean)
     gate = get_act(self.gate)(y)[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return gate if pooled is not None else x * gate.astype(x.dtype)
+    return gate
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -173,27 +165,32 @@ class ECA(nn.Module):
   order, with zero padding ``(k - 1) // 2`` on both ends and no bias. Input and output
   (N, H, W, C). The child ``conv`` is an ``nn.Conv`` over a length-C sequence with one
   feature, kernel shape (k, 1, 1); timm's ``Conv1d`` weight (1, 1, k) maps to
-  ``w.reshape(k, 1, 1)`` (both are correlations, no flip). Sows ``"channel_gate"``.
-  ``pooled=``: as :class:`SqueezeExcite`.
+  ``w.reshape(k, 1, 1)`` (both are correlations, no flip). Sows ``"channel_gate"``;
+  :meth:`gate_from_pooled` as :class:`SqueezeExcite`.
 
   Attributes:
     kernel_size: odd kernel size, or None to derive it from C with :func:`eca_kernel_size`.
     gamma, beta: the constants of that mapping (the paper's 2 and 1).
   """
+  pools: ClassVar[tuple[str, ...]] = ("mean",)
+
   kernel_size: int | None = None
   gamma: float = 2
   beta: float = 1
   gate: str | Callable = "sigmoid"
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  gates_from_mean: ClassVar[bool] = True
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    check_images(x, type(self).__name__)
+    return x * self.gate_from_pooled(jnp.mean(x, axis=(1, 2))).astype(x.dtype)
 
   @nn.compact
-  def __call__(self, x: Array | None, train: bool = False, *,
-               pooled: Array | None = None) -> Array:
-    squeezed = squeeze(x, pooled, type(self).__name__)
+  def gate_from_pooled(self, mean: Array) -> Array:
+    """The gate (N, 1, 1, C) from the channel means (N, C) of the input."""
+    channels = check_pooled(mean, type(self).__name__).shape[-1]
     if self.kernel_size is None:
-      k = eca_kernel_size(squeezed.shape[-1], self.gamma, self.beta)
+      k = eca_kernel_size(channels, self.gamma, self.beta)
     else:
       k = self.kernel_size
       if not isinstance(k, int) or k < 1 or k % 2 == 0:
@@ -204,10 +201,10 @@ class ECA(nn.Module):
     pad = (k - 1) // 2
     # (N, C) -> (N, C, 1): the channels become the spatial axis of a 1-D convolution.
     y = nn.Conv(1, kernel_size=(k,), padding=[(pad, pad)], use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(squeezed[:, :, None])
+                param_dtype=self.param_dtype, name="conv")(mean[:, :, None])
     gate = get_act(self.gate)(y[:, :, 0])[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return gate if pooled is not None else x * gate.astype(x.dtype)
+    return gate
 
 
 def _avg_pool_exclude_pad(x: Array, window: int, stride: int, pad: int) -> Array:

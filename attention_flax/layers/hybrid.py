@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attention_flax.fusion import materialize
+from attention_flax import ops
 from attention_flax.layers.channel import ChannelMlp
-from attention_flax.layers.common import check_images, get_act, mean_and_max, reduced_width
+from attention_flax.layers.common import check_images, get_act, reduced_width
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import SpatialAttention
 
@@ -36,12 +36,10 @@ class CBAMChannel(nn.Module):
   ``x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))`` with ``mlp = fc2(act(fc1(.)))``, children
   ``fc1`` (C -> rd) and ``fc2`` (rd -> C), no biases by default (timm's ``ChannelAttn``).
   Input and output (N, H, W, C); sows ``"channel_gate"`` (N, 1, 1, C).
-
-  ``pooled=(mean, max)``, the two (N, C) spatial pools computed by the caller (a ResNet
-  block takes them from its last batch norm's statistics pass,
-  ``TorchBatchNorm(fold=True, fold_max=True)``), with ``x=None``: the gate (N, 1, 1, C)
-  is returned, not applied.
+  :meth:`gate_from_pooled` computes the gate from the two (N, C) pools alone.
   """
+  pools: ClassVar[tuple[str, ...]] = ("mean", "max")
+
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
   rd_channels: int | None = None
@@ -51,58 +49,49 @@ class CBAMChannel(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    check_images(x, type(self).__name__)
+    return x * self.gate_from_pooled(*ops.mean_and_max(x, (1, 2))).astype(x.dtype)
+
   @nn.compact
-  def __call__(self, x: Array | None, train: bool = False, *,
-               pooled: tuple[Array, Array] | None = None) -> Array:
-    name = type(self).__name__
-    if pooled is None:
-      check_images(x, name)
-      pools = mean_and_max(x, (1, 2))
-    else:
-      if x is not None:
-        raise ValueError(f"{name} takes x or pooled=, not both: pass x=None with pooled=.")
-      pools = tuple(pooled)
-      if len(pools) != 2 or any(p.ndim != 2 or p.shape != pools[0].shape for p in pools):
-        raise ValueError(f"{name} expects pooled=(mean, max), two (N, C) spatial pools of an "
-                         f"(N, H, W, C) map; got shapes {[getattr(p, 'shape', p) for p in pools]}.")
-    channels = pools[0].shape[-1]
+  def gate_from_pooled(self, mean: Array, top: Array) -> Array:
+    """The gate (N, 1, 1, C) from the spatial mean and maximum (N, C) of the input."""
+    if any(getattr(p, "ndim", None) != 2 for p in (mean, top)) or mean.shape != top.shape:
+      raise ValueError(
+          f"{type(self).__name__}.gate_from_pooled expects the (N, C) spatial mean and max "
+          f"of an (N, H, W, C) map; got shapes {getattr(mean, 'shape', None)} and "
+          f"{getattr(top, 'shape', None)}.")
+    channels = mean.shape[-1]
     hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
     # Both descriptors go through the MLP in one batch: (2, N, C).
-    descriptors = jnp.stack(pools)
     y = nn.Dense(hidden, use_bias=self.mlp_bias, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc1")(descriptors)
+                 param_dtype=self.param_dtype, name="fc1")(jnp.stack([mean, top]))
     y = get_act(self.act)(y)
     y = nn.Dense(channels, use_bias=self.mlp_bias, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc2")(y)
     gate = get_act(self.gate)(y[0] + y[1])[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
-    return gate if pooled is not None else x * gate.astype(x.dtype)
+    return gate
 
 
 class CBAM(nn.Module):
   """Convolutional Block Attention Module: channel gate, then spatial gate.
 
-  Children ``channel`` (:class:`CBAMChannel`: ``fc1``, ``fc2``) and ``spatial``
-  (:class:`SpatialAttention`: ``conv``, ``bn``), each sowing its own gate. The defaults are
-  timm's ``CbamModule``: reduction 1/16 with divisor 1, bias-free MLP, spatial maps stacked
-  as (mean, max), 7x7 conv without bias followed by BatchNorm, sigmoid gates; for C = 256
-  that is 2 * 256 * 16 + 2 * 7 * 7 + 2 = 8292 parameters. The CBAM authors' code stacks
+  ``y = x * Mc(x)``, then ``y * Ms(y)`` (the paper's Eq. 1). Children ``channel``
+  (:class:`CBAMChannel`: ``fc1``, ``fc2``) and ``spatial`` (:class:`SpatialAttention`:
+  ``conv``, ``bn``), each sowing its own gate. The defaults are timm's ``CbamModule``:
+  reduction 1/16 with divisor 1, bias-free MLP, spatial maps stacked as (mean, max), 7x7
+  conv without bias followed by BatchNorm, sigmoid gates; for C = 256 that is
+  2 * 256 * 16 + 2 * 7 * 7 + 2 = 8292 parameters. The CBAM authors' code stacks
   (max, mean) and, inside its ResNet, starts the spatial BatchNorm's scale at zero.
-  ``norm`` is the factory of that BatchNorm (see :class:`SpatialAttention`); the default
-  ``TorchBatchNorm`` updates its running variance as PyTorch does (unbiased), so a train
-  step moves the statistics exactly as timm's. Input and output (N, H, W, C).
+  ``norm`` is the factory of that BatchNorm and ``conv`` of the spatial convolution (see
+  :class:`SpatialAttention`). Input and output (N, H, W, C).
 
-  Folding into a batch norm (``gates_from_mean_and_max``): ``layer(None, train,
-  pooled=(mean, max))`` returns the channel gate (N, 1, 1, C) from the caller's pools of
-  its input (:class:`CBAMChannel`), and ``layer(x, train, channel_gated=True)`` applies
-  only the spatial gate to an ``x`` the caller has already scaled by it. A ResNet block
-  thus computes its last batch norm, the pools and the channel gate without writing the
-  normalised map (``fold_gate``).
-
-  ``conv_impl`` chooses how the spatial gate's convolution runs (see
-  :class:`SpatialAttention`; ``"auto"``, the default, is the fastest measured).
+  The channel gate can be computed from pooled statistics (:meth:`gate_from_pooled`);
+  :meth:`after_gate` then applies the spatial gate to the channel-gated map.
   """
-  gates_from_mean_and_max: ClassVar[bool] = True
+  pools: ClassVar[tuple[str, ...]] = ("mean", "max")
+
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
   rd_channels: int | None = None
@@ -110,38 +99,34 @@ class CBAM(nn.Module):
   pool_order: Sequence[str] = ("mean", "max")
   spatial_bn: bool = True
   norm: ModuleDef = TorchBatchNorm
+  conv: ModuleDef = ops.spatial_conv
   mlp_bias: bool = False
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
-  conv_impl: str = "auto"
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array | None, train: bool = False, *,
-               pooled: tuple[Array, Array] | None = None,
-               channel_gated: bool = False) -> Array:
-    if pooled is not None and channel_gated:
-      raise ValueError("CBAM takes pooled= (returns the channel gate) or channel_gated=True "
-                       "(applies the spatial gate), not both.")
-    channel = CBAMChannel(rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
-                          rd_channels=self.rd_channels, mlp_bias=self.mlp_bias, act=self.act,
-                          gate=self.gate, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="channel")
-    if pooled is not None:
-      return channel(x, train, pooled=pooled)
+  def setup(self):
+    self.channel = CBAMChannel(rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
+                               rd_channels=self.rd_channels, mlp_bias=self.mlp_bias,
+                               act=self.act, gate=self.gate, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
+    self.spatial = SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
+                                    use_bn=self.spatial_bn, norm=self.norm, conv=self.conv,
+                                    gate=self.gate, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
-    if not channel_gated:
-      x = channel(x, train)
-    # The channel-gated map (this layer's or the caller's) is read by the spatial gate's
-    # pools, its product and their gradients. Written once on CPU instead of recomputed
-    # inside each of them (attention_flax.fusion): in a CBAM-ResNet-20 step the pools'
-    # reduction ran twice as fast and XLA's time fell 2.4% (docs/benchmarks.md).
-    x = materialize(x)
-    return SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
-                            use_bn=self.spatial_bn, norm=self.norm, gate=self.gate,
-                            conv_impl=self.conv_impl, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="spatial")(x, train)
+    return self.spatial(self.channel(x), train)
+
+  def gate_from_pooled(self, mean: Array, top: Array) -> Array:
+    """The channel gate (N, 1, 1, C) from the spatial mean and maximum (N, C) of the input."""
+    return self.channel.gate_from_pooled(mean, top)
+
+  def after_gate(self, y: Array, train: bool = False) -> Array:
+    """The spatial gate applied to ``y``, the input already scaled by the channel gate."""
+    return self.spatial(y, train)
 
 
 _FUSIONS = ("scale", "add", "both")

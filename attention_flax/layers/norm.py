@@ -15,7 +15,6 @@ same way. Its variables have ``flax.linen.BatchNorm``'s names and shapes (params
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -23,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attention_flax.layers.common import accumulation_dtype
 
 Array = jax.Array
 
@@ -37,8 +35,7 @@ class TorchBatchNorm(nn.Module):
   the unbiased batch variance (``unbiased_running_var=False`` gives Flax's biased rule).
   Evaluation: normalises with the running statistics. The statistics are computed in
   float32 whatever the input dtype, in one pass over the data (mean and mean square read
-  together, about 20% faster training steps on CPU than two passes) but shifted by the
-  running mean: var = E[(x - s)^2] - E[x - s]^2 with s = the running mean (no gradient
+  together), shifted by the running mean: var = E[(x - s)^2] - E[x - s]^2 with s = the running mean (no gradient
   through s; the value is the same for any s). Unshifted, ``E[x^2] - E[x]^2`` cancels
   badly when the mean is large against the spread; with s close to the batch mean, as
   the running mean is once training has started, it does not.
@@ -63,24 +60,29 @@ class TorchBatchNorm(nn.Module):
   scale_init: Callable[..., Array] = nn.initializers.ones
   bias_init: Callable[..., Array] = nn.initializers.zeros
 
-  @nn.compact
-  def __call__(self, x: Array, use_running_average: bool | None = None, *,
-               fold: bool = False, fold_max: bool = False) -> Array | tuple[Array, ...]:
-    """Normalises ``x``; with ``fold=True`` returns ``(mul, add, pooled)`` instead.
+  def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    """Normalises ``x`` (..., C): ``x * mul + add`` per channel, in :meth:`output_dtype`."""
+    mul, add, _ = self._affine(x, use_running_average, per_sample=False)
+    return (x.astype(jnp.float32) * mul + add).astype(self.output_dtype(x.dtype))
 
-    ``mul`` and ``add`` are float32 (C,) with ``norm(x) == x * mul + add`` (the output
-    before its cast to ``dtype``), and ``pooled`` is the float32 (N, C) mean of that
-    output over the axes between the first and the last (H and W of an image). In
-    training the statistics are then summed per sample first, so that ``pooled`` comes
-    out of the same pass over ``x`` as the statistics. A caller that scales the output
-    per sample and channel afterwards, as a channel gate does, applies
-    ``x * (mul * s) + add * s`` without the normalised array ever being written.
+  def fold(self, x: Array,
+           use_running_average: bool | None = None) -> tuple[Array, Array, Array]:
+    """The normalisation as numbers to fold into a later per-channel scale.
 
-    ``fold_max=True`` (with ``fold``) adds a fourth, the (N, C) maximum of the output over
-    the same axes, from the same pass: ``mul * max(x) + add`` where ``mul > 0``,
-    ``mul * min(x) + add`` where ``mul < 0``. Its derivatives are those of the maximum of
-    the normalised output (:func:`affine_max`), ties included.
+    Returns ``(mul, add, sample_mean)``: float32 (C,) with ``self(x) == x * mul + add``
+    (before the cast to ``dtype``), and the float32 (N, C) mean of ``x`` over the axes
+    between the first and the last (H and W of an image), so that the output's mean is
+    ``sample_mean * mul + add``. Updates the running statistics as ``__call__`` does. In
+    training the sums are taken per sample first, so that ``sample_mean`` comes from the
+    same pass over ``x`` as the statistics: a caller that then scales the output by a
+    per-sample channel gate ``s`` computed from that mean (SE, ECA) writes
+    ``x * (mul * s) + add * s`` and never the normalised map.
     """
+    return self._affine(x, use_running_average, per_sample=True)
+
+  @nn.compact
+  def _affine(self, x: Array, use_running_average: bool | None,
+              per_sample: bool) -> tuple[Array, Array, Array | None]:
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     if x.ndim < 2:
@@ -92,29 +94,26 @@ class TorchBatchNorm(nn.Module):
                       "Cast first, e.g. x.astype(jnp.float32).")
     features = x.shape[-1]
     reduce_axes = tuple(range(x.ndim - 1))
-    # With fold, the per-sample sums come first: (N, ..., C) -> (N, C), then over N.
-    inner_axes = tuple(range(1, x.ndim - 1))
+    inner_axes = tuple(range(1, x.ndim - 1))  # per sample: (N, ..., C) -> (N, C)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     x32 = x.astype(jnp.float32)
 
-    if fold_max and not fold:
-      raise ValueError("TorchBatchNorm: fold_max=True needs fold=True.")
     sample_mean = None
-    if fold_max:
-      top, bottom = extrema(x32, inner_axes)
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
-      if fold:
+      if per_sample:
         sample_mean = jnp.mean(x32, axis=inner_axes)
     else:
+      # Shifted by the running mean (no gradient through it): E[(x - s)^2] - E[x - s]^2
+      # does not cancel when the mean is large against the spread.
       shift = jax.lax.stop_gradient(ra_mean.value)
       centred = x32 - shift
-      if fold:
-        per_sample = jnp.mean(centred, axis=inner_axes)
-        first = jnp.mean(per_sample, axis=0)
+      if per_sample:
+        per_image = jnp.mean(centred, axis=inner_axes)
+        first = jnp.mean(per_image, axis=0)
         second = jnp.mean(jnp.mean(jnp.square(centred), axis=inner_axes), axis=0)
-        sample_mean = shift + per_sample
+        sample_mean = shift + per_image
       else:
         first = jnp.mean(centred, axis=reduce_axes)
         second = jnp.mean(jnp.square(centred), axis=reduce_axes)
@@ -129,7 +128,7 @@ class TorchBatchNorm(nn.Module):
         ra_mean.value = keep * ra_mean.value + (1 - keep) * mean
         ra_var.value = keep * ra_var.value + (1 - keep) * (var * jnp.float32(correction))
 
-    # One multiply-add per element: y = x * (scale / std) + (bias - mean * scale / std).
+    # y = x * (scale / std) + (bias - mean * scale / std): one multiply-add per element.
     mul = jax.lax.rsqrt(var + jnp.float32(self.epsilon))
     if self.use_scale:
       scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
@@ -138,13 +137,7 @@ class TorchBatchNorm(nn.Module):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
       add = add + bias.astype(jnp.float32)
-    if fold:
-      pooled = sample_mean * mul + add
-      if fold_max:
-        return mul, add, pooled, affine_max(mul, top, bottom, sample_mean) + add
-      return mul, add, pooled
-    y = x32 * mul + add
-    return y.astype(self.output_dtype(x.dtype))
+    return mul, add, sample_mean
 
   def output_dtype(self, input_dtype: Any) -> Any:
     """The dtype of the normalised output for an input of ``input_dtype``."""
@@ -153,82 +146,3 @@ class TorchBatchNorm(nn.Module):
     # The wider of the two, chosen explicitly: strict dtype promotion refuses to mix them.
     wider = jnp.finfo(input_dtype).bits >= jnp.finfo(self.param_dtype).bits
     return input_dtype if wider else self.param_dtype
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def extrema(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
-  """``(jnp.max(x, axes), jnp.min(x, axes))`` with the same derivatives (shared equally
-  among tied entries), whose reverse mode keeps only ``x``, the two results and how many
-  entries tie for each: JAX's own rule for ``jnp.max`` stores a full-size array marking
-  the maxima. The forward pass counts the ties (on CPU in one fused pass over ``x`` for
-  both extremes); the backward pass marks the extremes again element by element, in the
-  pass where a batch norm's gradient reads ``x`` anyway, with no reduction of its own.
-  Being a ``jax.custom_vjp``, it has no forward mode (``jax.jvp``, ``jax.jacfwd``): a
-  CBAM ResNet differentiated that way needs ``fold_gate=False`` (and a plain ``nn.Conv``,
-  see ``attention_flax.conv``)."""
-  return jnp.max(x, axis=axes), jnp.min(x, axis=axes)
-
-
-def _tie_counts_fused(x: Array, top: Array, bottom: Array,
-                      axes: tuple[int, ...]) -> tuple[Array, Array]:
-  # One variadic reduction, which XLA:CPU fuses with the comparisons; two plain sums would
-  # each go to its reduction library, which needs the comparison written out first.
-  acc = accumulation_dtype(x.dtype)
-  zero = jnp.zeros((), acc)
-  hits = tuple((x == jnp.expand_dims(v, axes)).astype(acc) for v in (top, bottom))
-  return jax.lax.reduce(hits, (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), axes)
-
-
-def _tie_counts_plain(x: Array, top: Array, bottom: Array,
-                      axes: tuple[int, ...]) -> tuple[Array, Array]:
-  acc = accumulation_dtype(x.dtype)
-  return tuple(jnp.sum(x == jnp.expand_dims(v, axes), axis=axes, dtype=acc)
-               for v in (top, bottom))
-
-
-def _extrema_fwd(x, axes):
-  top, bottom = extrema(x, axes)
-  counts = jax.lax.platform_dependent(
-      x, top, bottom, cpu=functools.partial(_tie_counts_fused, axes=axes),
-      default=functools.partial(_tie_counts_plain, axes=axes))
-  return (top, bottom), (x, top, bottom, *counts)
-
-
-def _extrema_bwd(axes, residuals, cotangents):
-  x, top, bottom, top_count, bottom_count = residuals
-  zero = jnp.zeros((), x.dtype)
-  grad = zero
-  for value, count, d in ((top, top_count, cotangents[0]),
-                          (bottom, bottom_count, cotangents[1])):
-    share = jnp.expand_dims((d.astype(count.dtype) / count).astype(x.dtype), axes)
-    grad = grad + jnp.where(x == jnp.expand_dims(value, axes), share, zero)
-  return (grad,)
-
-
-extrema.defvjp(_extrema_fwd, _extrema_bwd)
-
-
-@jax.custom_jvp
-def affine_max(mul: Array, top: Array, bottom: Array, mean: Array) -> Array:
-  """``max(x * mul)`` over a pooled axis from ``top = max(x)``, ``bottom = min(x)`` and
-  ``mean = mean(x)`` over it, for a per-channel ``mul`` (C,) and (N, C) statistics.
-
-  The value is ``mul * top`` where ``mul > 0``, ``mul * bottom`` where ``mul < 0`` and 0
-  where ``mul == 0``. So are the derivatives, with one exception that matters: where
-  ``mul == 0`` every entry of ``x * mul`` ties, and the maximum's derivative, shared
-  equally among tied entries (JAX's and PyTorch's ``amax``), is ``mean`` with respect to
-  ``mul``. A block whose last batch norm starts at zero scale (``zero_init_last``) has
-  exactly that at initialisation.
-  """
-  return jnp.where(mul > 0, mul * top, jnp.where(mul < 0, mul * bottom, 0.0))
-
-
-@affine_max.defjvp
-def _affine_max_jvp(primals, tangents):
-  mul, top, bottom, mean = primals
-  d_mul, d_top, d_bottom, _ = tangents  # the mean only enters the derivative
-  positive, negative = mul > 0, mul < 0
-  slope = jnp.where(positive, top, jnp.where(negative, bottom, mean))
-  tangent = (slope * d_mul + jnp.where(positive, mul, 0.0) * d_top
-             + jnp.where(negative, mul, 0.0) * d_bottom)
-  return affine_max(mul, top, bottom, mean), tangent

@@ -8,7 +8,7 @@ Building block: the pre-activation bottleneck unit (BN-act-1x1, BN-act-3x3, BN-a
 Each unit owns the batch norm on its own input; the prototxt names that norm after the
 tensor it normalises (e.g. ``pool1_3x3_s2/bn`` is the first unit's ``bn1``), so every
 prototxt BN and convolution still has exactly one counterpart here. All convolutions are
-``nn.Conv`` (1x1 included) without bias; a Caffe/PyTorch kernel (O, I, kh, kw) maps onto the
+convolutions from the ``conv`` factory (1x1 included) without bias; a Caffe/PyTorch kernel (O, I, kh, kw) maps onto the
 Flax kernel ``w.transpose(2, 3, 1, 0)`` (kh, kw, I, O). Batch norms use momentum 0.9 and
 epsilon 1e-5 (PyTorch's 0.1 and 1e-5), settable.
 
@@ -36,14 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from attention_flax.conv import conv_general_dilated
-from attention_flax.layers.common import check_images, get_act
+from attention_flax import ops
+from attention_flax.layers.common import check_images, get_act, he_normal
 from attention_flax.layers.norm import TorchBatchNorm
 
 Array = jax.Array
 
-# He initialisation (fan-out), the usual choice for ReLU networks of this family.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+ModuleDef = Callable[..., nn.Module]
 
 
 def _check_count(value: Any, name: str, minimum: int, owner: str) -> int:
@@ -87,11 +86,6 @@ def resize_bilinear(x: Array, size: Sequence[int], align_corners: bool = False) 
   return jnp.einsum("oh,nhwc,pw->nopc", rows, x, cols)
 
 
-def _max_pool(x: Array) -> Array:
-  # 3x3 stride 2 with one pixel of (-inf) padding each side: output ceil(H / 2), any H >= 1.
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
 def _batch_norm(module: nn.Module, name: str, x: Array, train: bool) -> Array:
   """``module.norm`` (by default :class:`TorchBatchNorm`, PyTorch's running-variance rule)
   as the child ``name`` of ``module``, with its ``bn_momentum`` / ``bn_epsilon``."""
@@ -123,6 +117,8 @@ class ResidualUnit(nn.Module):
     norm: the BatchNorm factory, called with ``use_running_average``, ``momentum``,
       ``epsilon``, ``dtype``, ``param_dtype`` and ``name`` (``flax.linen.BatchNorm`` also
       fits; its variables have the same names).
+    conv: the convolution factory (``flax.linen.Conv``'s signature; the default
+      :data:`attention_flax.ops.conv` gives its values, faster).
     dtype: compute dtype (None: Flax's promotion of input and parameters).
     param_dtype: parameter dtype.
 
@@ -134,7 +130,8 @@ class ResidualUnit(nn.Module):
   act: str | Callable = "relu"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  norm: Callable[..., nn.Module] = TorchBatchNorm
+  norm: ModuleDef = TorchBatchNorm
+  conv: ModuleDef = ops.conv
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -152,10 +149,9 @@ class ResidualUnit(nn.Module):
 
     def conv(out, kernel, conv_stride, conv_name):
       pad = (kernel - 1) // 2
-      return nn.Conv(out, (kernel, kernel), strides=(conv_stride, conv_stride),
-                     padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-                     param_dtype=self.param_dtype, kernel_init=_conv_init,
-                     conv_general_dilated=conv_general_dilated, name=conv_name)
+      return self.conv(out, (kernel, kernel), strides=(conv_stride, conv_stride),
+                       padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
+                       param_dtype=self.param_dtype, kernel_init=he_normal, name=conv_name)
 
     pre = act(_batch_norm(self, "bn1", x, train))
     y = conv(width, 1, 1, "conv1")(pre)
@@ -206,7 +202,9 @@ class ResidualAttention(nn.Module):
     bottleneck_ratio: width ratio of every unit.
     align_corners: up-sampling convention (False: half-pixel centres; True: Caffe's).
     act: activation after each norm; gate: the mask's squashing function.
-    bn_momentum, bn_epsilon, norm: BatchNorm settings and factory, as in ResidualUnit.
+    bn_momentum, bn_epsilon, norm, conv: BatchNorm settings and the norm and convolution
+      factories, as in ResidualUnit.
+    pool: the mask branch's max pool, ``flax.linen.max_pool``'s signature.
     dtype, param_dtype: compute and parameter dtypes.
 
   Input (N, H, W, C); output (N, H, W, features).
@@ -222,7 +220,9 @@ class ResidualAttention(nn.Module):
   gate: str | Callable = "sigmoid"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  norm: Callable[..., nn.Module] = TorchBatchNorm
+  norm: ModuleDef = TorchBatchNorm
+  conv: ModuleDef = ops.conv
+  pool: Callable[..., Array] = nn.max_pool
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -245,8 +245,8 @@ class ResidualAttention(nn.Module):
     def unit(unit_name, out=None):
       return ResidualUnit(features=out, bottleneck_ratio=self.bottleneck_ratio, act=self.act,
                           bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                          norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=unit_name)
+                          norm=self.norm, conv=self.conv, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=unit_name)
 
     for i in range(p):
       x = unit(f"pre{i + 1}", features)(x, train)
@@ -259,7 +259,8 @@ class ResidualAttention(nn.Module):
     mask = x
     skips = []
     for level in range(1, levels + 1):
-      mask = _max_pool(mask)
+      # 3x3 stride 2, one pixel of (-inf) padding each side: ceil(H / 2), any H >= 1.
+      mask = self.pool(mask, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
       for j in range(r if level < levels else 2 * r):
         mask = unit(f"down{level}_{j + 1}")(mask, train)
       if level < levels:
@@ -275,10 +276,9 @@ class ResidualAttention(nn.Module):
     act = get_act(self.act)
     for k in (1, 2):
       mask = act(_batch_norm(self, f"mask_bn{k}", mask, train))
-      mask = nn.Conv(features, (1, 1), padding=((0, 0), (0, 0)), use_bias=False,
-                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_conv_init,
-                     conv_general_dilated=conv_general_dilated,
-                     name=f"mask_conv{k}")(mask)
+      mask = self.conv(features, (1, 1), padding=((0, 0), (0, 0)), use_bias=False,
+                       dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal,
+                       name=f"mask_conv{k}")(mask)
     mask = get_act(self.gate)(mask).astype(trunk.dtype)
     self.sow("intermediates", "residual_mask", mask)
 

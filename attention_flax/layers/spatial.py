@@ -16,16 +16,14 @@ timm's do in training; they compute in float32 whatever ``dtype`` is. Gates are 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax import lax
 
-from attention_flax.conv import banded_conv_general_dilated
-from attention_flax.layers.common import check_images, get_act, make_divisible, mean_and_max
+from attention_flax import ops
+from attention_flax.layers.common import check_images, get_act, make_divisible
 from attention_flax.layers.norm import TorchBatchNorm
 
 Array = jax.Array
@@ -59,21 +57,6 @@ def _check_pool_order(pool_order: Sequence[str], module: str) -> tuple[str, ...]
   return order
 
 
-# SpatialAttention's conv_impl: how its k x k convolution runs (attention_flax.conv).
-CONV_IMPLS = {
-    "auto": banded_conv_general_dilated,  # the band on CPU and CUDA, XLA's elsewhere
-    "band": functools.partial(banded_conv_general_dilated, platforms=None),
-    "xla": lax.conv_general_dilated,
-}
-
-
-def _conv_impl(name: str, module: str) -> Callable:
-  if name not in CONV_IMPLS:
-    raise ValueError(f"{module} conv_impl must be one of {sorted(CONV_IMPLS)}; got {name!r}. "
-                     "Use 'auto' unless timing the alternatives.")
-  return CONV_IMPLS[name]
-
-
 class SpatialAttention(nn.Module):
   """CBAM's spatial gate: ``x * gate(bn(conv_kxk([pool_c(x) for pool in pool_order])))``.
 
@@ -95,17 +78,15 @@ class SpatialAttention(nn.Module):
       default ``TorchBatchNorm`` stores PyTorch's unbiased running variance, as timm does;
       ``functools.partial(flax.linen.BatchNorm, momentum=0.9, epsilon=1e-5)`` stores Flax's
       biased one. Both have the variables ``scale``, ``bias``, ``mean``, ``var``.
-    conv_impl: how the convolution runs, the same values up to float rounding: ``"auto"``
-      as a banded matrix product on CPU and CUDA (faster there, see
-      ``attention_flax.conv``) and XLA's convolution elsewhere; ``"band"`` the product on
-      every backend; ``"xla"`` XLA's convolution on every backend.
+    conv: factory of ``conv`` (``flax.linen.Conv``'s signature); the default
+      :data:`attention_flax.ops.spatial_conv` gives ``nn.Conv``'s values, faster.
   """
   kernel_size: int = 7
   pool_order: Sequence[str] = ("max", "mean")
   use_bn: bool = False
   norm: ModuleDef = TorchBatchNorm
   gate: str | Callable = "sigmoid"
-  conv_impl: str = "auto"
+  conv: ModuleDef = ops.spatial_conv
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -113,18 +94,17 @@ class SpatialAttention(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
     order = _check_pool_order(self.pool_order, type(self).__name__)
-    conv_fn = _conv_impl(self.conv_impl, type(self).__name__)
     k = self.kernel_size
     if not isinstance(k, int) or k < 1 or k % 2 == 0:
       raise ValueError(
           f"{type(self).__name__} needs an odd positive kernel_size so that the padding is "
           f"symmetric; got {k!r}. Use e.g. 7 or 3.")
     pad = (k - 1) // 2
-    pools = dict(zip(("mean", "max"), mean_and_max(x, (-1,), keepdims=True)))
+    pools = dict(zip(("mean", "max"), ops.mean_and_max(x, (-1,), keepdims=True)))
     pooled = jnp.concatenate([pools[name] for name in order], axis=-1)
-    logits = nn.Conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)], use_bias=False,
-                     dtype=self.dtype, param_dtype=self.param_dtype,
-                     conv_general_dilated=conv_fn, name="conv")(pooled)
+    logits = self.conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)],
+                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="conv")(pooled)
     if self.use_bn:
       logits = _batch_norm(self.norm, logits, train, self.param_dtype, "bn")
     mask = get_act(self.gate)(logits)

@@ -55,3 +55,15 @@ class ModelEntry(NamedTuple):
   in_channels: int = 3
   paper: str = ""
   test_only: bool = False
+
+
+def plain_tail(y: Any, shortcut: Any, *, norm: nn.Module, attn: nn.Module | None,
+               act: Callable[[Any], Any], train: bool) -> Any:
+  """The end of a residual block, one layer after another: ``act(attn(norm(y)) + shortcut)``.
+
+  The plain counterpart of :func:`attention_flax.ops.residual_tail` (same values).
+  """
+  y = norm(y)
+  if attn is not None:
+    y = attn(y, train=train)
+  return act(y + shortcut)

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attention_flax.conv import conv_general_dilated
-from attention_flax.layers.common import get_act
+from attention_flax import ops
+from attention_flax.layers.common import get_act, he_normal
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
 from attention_flax.models.common import ModelEntry, check_model_images
@@ -64,6 +64,9 @@ class ResidualAttentionNet(nn.Module):
 
   Input (N, H, W, in_channels) images; output (N, num_classes) float32 logits. Any H, W
   works; with the ImageNet stem, multiples of 32 keep every level of the masks aligned.
+  ``conv``, ``norm`` and ``pool`` are the factories of every convolution, batch norm and
+  max pool (``flax.linen.Conv``, ``flax.linen.BatchNorm`` and ``flax.linen.max_pool``
+  signatures).
   """
   num_classes: int = 1000
   stage_widths: Sequence[int] = (256, 512, 1024)
@@ -89,6 +92,8 @@ class ResidualAttentionNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   norm: Callable[..., nn.Module] = TorchBatchNorm
+  conv: Callable[..., nn.Module] = ops.conv
+  pool: Callable[..., Array] = nn.max_pool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -124,22 +129,22 @@ class ResidualAttentionNet(nn.Module):
     self._check()
     common = dict(bottleneck_ratio=self.bottleneck_ratio, act=self.act,
                   bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                  norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+                  norm=self.norm, conv=self.conv, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
     unit = functools.partial(ResidualUnit, **common)
     attention = functools.partial(ResidualAttention, p=self.p, t=self.t, r=self.r,
-                                  align_corners=self.align_corners, gate=self.gate, **common)
+                                  align_corners=self.align_corners, gate=self.gate,
+                                  pool=self.pool, **common)
 
     k = self.stem_kernel
     pad = (k - 1) // 2
-    x = nn.Conv(self.stem_width, (k, k), strides=(self.stem_stride, self.stem_stride),
-                padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                conv_general_dilated=conv_general_dilated, name="stem_conv")(x)
+    x = self.conv(self.stem_width, (k, k), strides=(self.stem_stride, self.stem_stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype, kernel_init=he_normal, name="stem_conv")(x)
     if self.stem_norm:
       x = self._norm_act(x, "stem_bn", train)
     if self.stem_pool:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     stages = zip(self.stage_widths, self.stage_modules, self.stage_levels, self.stage_strides)
     for i, (width, modules, levels, stride) in enumerate(stages, start=1):

@@ -29,27 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from attention_flax.conv import conv_general_dilated
-from attention_flax.fusion import materialize
-from attention_flax.layers import ATTENTIONS, list_attentions
-from attention_flax.layers.common import check_images, get_act
+from attention_flax import ops
+from attention_flax.layers import create_attention
+from attention_flax.layers.common import check_images, get_act, he_normal
 from attention_flax.layers.norm import TorchBatchNorm
-from attention_flax.models.common import ModelEntry, check_model_images
-from attention_flax.pool import max_pool
+from attention_flax.models.common import ModelEntry, check_model_images, plain_tail
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
 
-# PyTorch/timm initialise convolutions with kaiming_normal(mode="fan_out", relu): an
-# untruncated normal of variance 2 / (kh * kw * out_channels).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's nn.Linear default: uniform on +-1/sqrt(fan_in).
 fc_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-# The kernel gradient of attention_flax.conv is a patch-matrix product on CPU (several times
-# faster there than XLA's own); other backends keep XLA's gradient.
-DEFAULT_CONV = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                                 conv_general_dilated=conv_general_dilated)
 # PyTorch's BatchNorm2d defaults: momentum 0.1 (Flax's 0.9) and epsilon 1e-5.
 DEFAULT_NORM = functools.partial(TorchBatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -67,12 +57,11 @@ def padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
-def max_pool_3x3_s2(x: Array) -> Array:
-  """PyTorch's MaxPool2d(3, stride 2, padding 1): (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C).
-
-  Flax pads max-pooling with -inf, so the border never wins the max, as in PyTorch.
-  """
-  return max_pool(x, (3, 3), strides=(2, 2), padding=padding(3))
+def max_pool_3x3_s2(pool: Callable[..., Array], x: Array) -> Array:
+  """PyTorch's MaxPool2d(3, stride 2, padding 1) with ``pool`` (``flax.linen.max_pool``'s
+  signature): (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C). The padding is -inf, so the
+  border never wins the max, as in PyTorch."""
+  return pool(x, (3, 3), strides=(2, 2), padding=padding(3))
 
 
 def avg_pool_2x2_ceil(x: Array, stride: int = 2) -> Array:
@@ -111,32 +100,6 @@ def batch_norm(norm: ModuleDef, x: Array, name: str, **kwargs: Any) -> Array:
 def at_least_float32(x: Array) -> Array:
   """x, promoted to float32 when narrower (the input of every batch norm here)."""
   return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
-
-
-def make_attention(attn: str | Callable[..., nn.Module] | None,
-                   attn_kwargs: Mapping[str, Any] | None, *, dtype: Any, param_dtype: Any,
-                   name: str) -> nn.Module | None:
-  """Builds the attention layer of a block, or None.
-
-  ``attn`` is a registry name (``attention_flax.layers.ATTENTIONS``) or a module
-  factory such as a layer class or a ``functools.partial`` of one; either is called with
-  ``dtype``, ``param_dtype``, ``name`` and ``attn_kwargs`` (which take precedence).
-  """
-  if attn is None:
-    return None
-  kwargs = {"dtype": dtype, "param_dtype": param_dtype, **dict(attn_kwargs or {})}
-  if isinstance(attn, str):
-    # Looked up here rather than through create_attention, whose first parameter is
-    # itself called `name` and so cannot forward the submodule name.
-    if attn.lower() not in ATTENTIONS:
-      raise ValueError(f"Unknown attention {attn!r}; known names: "
-                       f"{', '.join(list_attentions())}, or pass a module factory.")
-    return ATTENTIONS[attn.lower()](name=name, **kwargs)
-  if callable(attn):
-    return attn(name=name, **kwargs)
-  raise TypeError(
-      f"attn must be None, a registered attention name (see "
-      f"attention_flax.layers.list_attentions()) or a module factory; got {attn!r}.")
 
 
 def shortcut(x: Array, features: int, strides: int, down: str, conv: ModuleDef,
@@ -179,21 +142,17 @@ class ResidualBlock(nn.Module):
     strides: stride of the block's strided convolution and of its shortcut.
     down: shortcut projection when the shape changes: "conv", "avg" or "pad".
     attn: None, a registered attention name or a module factory; runs on the residual
-      branch after the last batch norm, before the addition.
+      branch after the last batch norm, before the addition (child ``se``).
     attn_kwargs: extra fields for the attention layer.
     zero_init_last: start the last BN scale at 0 so the block starts as its shortcut.
     conv, norm, act: layer factories (``norm`` without ``use_running_average``).
-    fold_gate: when the attention is a gate computed from the channel means (SE,
-      Effective SE, ECA: ``gates_from_mean``) and ``norm`` is :class:`TorchBatchNorm`,
-      take those means from the last batch norm's statistics pass and fold the gate into
-      the norm's per-channel scale and shift (``TorchBatchNorm(fold=True)``): the same
-      values up to rounding, without the normalised map being written, pooled and scaled
-      in passes of their own, forward and backward. CBAM (``gates_from_mean_and_max``)
-      takes its channel gate's mean and max from that pass too
-      (``TorchBatchNorm(fold=True, fold_max=True)``) and gets the gated map for its
-      spatial gate. False computes the layers one after another.
+    tail: ``tail(y, shortcut, *, norm, attn, act, train)``, the end of the block,
+      ``act(attn(norm(y)) + shortcut)``; None takes the block's default from
+      :mod:`attention_flax.ops` (a channel gate folded into the norm; the same values).
+      :func:`~attention_flax.models.common.plain_tail` applies the layers one by one.
   """
   expansion: ClassVar[int] = 1
+  default_tail: ClassVar[Callable[..., Array]] = staticmethod(ops.residual_tail)
 
   features: int
   strides: int = 1
@@ -201,49 +160,34 @@ class ResidualBlock(nn.Module):
   attn: str | Callable[..., nn.Module] | None = None
   attn_kwargs: Mapping[str, Any] | None = None
   zero_init_last: bool = True
-  conv: ModuleDef = DEFAULT_CONV
+  conv: ModuleDef = ops.conv
   norm: ModuleDef = DEFAULT_NORM
   act: str | Callable[[Array], Array] = "relu"
-  fold_gate: bool = True
+  tail: Callable[..., Array] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _layers(self, train: bool) -> tuple[ModuleDef, ModuleDef, Callable, Callable]:
-    """conv and norm factories in the block's dtypes, the activation, the last BN's
-    scale initialiser."""
-    conv = functools.partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+  def _layers(self, train: bool) -> tuple[ModuleDef, ModuleDef, Callable]:
+    """The conv and norm factories in the block's dtypes, and the activation."""
+    conv = functools.partial(self.conv, use_bias=False, kernel_init=he_normal,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(self.norm, use_running_average=not train, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    last_scale = nn.initializers.zeros_init() if self.zero_init_last else nn.initializers.ones
-    return conv, norm, get_act(self.act), last_scale
+    return conv, norm, get_act(self.act)
 
-  def _norm_attend_and_add(self, x: Array, y: Array, conv: ModuleDef, norm: ModuleDef,
-                           train: bool, bn_name: str, scale_init: Callable) -> Array:
+  def _end(self, x: Array, y: Array, conv: ModuleDef, norm: ModuleDef, train: bool,
+           bn_name: str) -> Array:
     """act(ATTN(BN(y)) + shortcut(x)); y is the residual branch before its last BN."""
-    attention = make_attention(self.attn, self.attn_kwargs, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name="se")
-    bn = norm(name=bn_name, scale_init=scale_init)
-    y = at_least_float32(y)
-    folds = self.fold_gate and attention is not None and isinstance(bn, TorchBatchNorm)
-    with_max = folds and getattr(attention, "gates_from_mean_and_max", False)
-    if with_max or (folds and getattr(attention, "gates_from_mean", False)):
-      # BN(y) * gate == y * (mul * gate) + add * gate, per sample and channel, with the
-      # gate's pools (the mean; CBAM's mean and max) from the norm's statistics pass.
-      out_dtype = bn.output_dtype(y.dtype)
-      mul, add, *pools = bn(y, fold=True, fold_max=with_max)
-      pools = tuple(p.astype(out_dtype) for p in pools)
-      gate = attention(None, train=train, pooled=pools if with_max else pools[0])
-      gate = gate.astype(jnp.float32)
-      y = (y * (mul * gate) + add * gate).astype(out_dtype)
-      if with_max:  # CBAM: the gated map, written once, is its spatial gate's input
-        y = attention(y, train=train, channel_gated=True)
-    else:
-      y = bn(y)
-      if attention is not None:
-        y = attention(y, train=train)
-    out_features = self.features * self.expansion
-    return get_act(self.act)(
-        y + shortcut(x, out_features, self.strides, self.down, conv, norm))
+    attn = None
+    if self.attn is not None:
+      attn = create_attention(self.attn, name="se", dtype=self.dtype,
+                              param_dtype=self.param_dtype, **dict(self.attn_kwargs or {}))
+    last_scale = nn.initializers.zeros_init() if self.zero_init_last else nn.initializers.ones
+    bn = norm(name=bn_name, scale_init=last_scale)
+    short = shortcut(x, self.features * self.expansion, self.strides, self.down, conv, norm)
+    tail = self.tail or self.default_tail
+    return tail(at_least_float32(y), short, norm=bn, attn=attn, act=get_act(self.act),
+                train=train)
 
 
 class BasicBlock(ResidualBlock):
@@ -256,11 +200,11 @@ class BasicBlock(ResidualBlock):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
-    conv, norm, act, last_scale = self._layers(train)
+    conv, norm, act = self._layers(train)
     y = conv(self.features, (3, 3), strides=self.strides, padding=padding(3), name="conv1")(x)
     y = act(batch_norm(norm, y, "bn1"))
     y = conv(self.features, (3, 3), padding=padding(3), name="conv2")(y)
-    return self._norm_attend_and_add(x, y, conv, norm, train, "bn2", last_scale)
+    return self._end(x, y, conv, norm, train, "bn2")
 
 
 class Bottleneck(ResidualBlock):
@@ -270,18 +214,18 @@ class Bottleneck(ResidualBlock):
   inner (bottleneck) width.
   """
   expansion: ClassVar[int] = 4
+  default_tail: ClassVar[Callable[..., Array]] = staticmethod(ops.bottleneck_tail)
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
-    conv, norm, act, last_scale = self._layers(train)
+    conv, norm, act = self._layers(train)
     y = conv(self.features, (1, 1), padding=padding(1), name="conv1")(x)
     y = act(batch_norm(norm, y, "bn1"))
     y = conv(self.features, (3, 3), strides=self.strides, padding=padding(3), name="conv2")(y)
     y = act(batch_norm(norm, y, "bn2"))
     y = conv(self.features * self.expansion, (1, 1), padding=padding(1), name="conv3")(y)
-    # Computed once on CPU, not again inside each later block's fusions (fusion.py).
-    return materialize(self._norm_attend_and_add(x, y, conv, norm, train, "bn3", last_scale))
+    return self._end(x, y, conv, norm, train, "bn3")
 
 
 class ResNet(nn.Module):
@@ -304,13 +248,15 @@ class ResNet(nn.Module):
     attn, attn_kwargs: attention layer of every block (see :class:`BasicBlock`).
     num_classes: logits of the ``fc`` head.
     zero_init_last: zero-initialise the last BN scale of every block (timm's default).
-    fold_gate: fold a channel gate (SE, ECA, CBAM's) into each block's last batch norm
-      (see :class:`ResidualBlock`); False applies the layers one after another.
+    tail: the end of every block (see :class:`ResidualBlock`); None: the block's default.
     bn_momentum, bn_epsilon: Flax convention (0.9 == PyTorch's momentum 0.1).
-    conv, norm, act: layer factories injected into stem and blocks. ``norm`` defaults to
-      :class:`TorchBatchNorm` (PyTorch's unbiased running variance, as the attention
-      layers' batch norms), so running statistics evolve as timm's;
-      ``flax.linen.BatchNorm`` takes the same arguments and variable names.
+    conv, norm, act: layer factories injected into stem and blocks. ``conv`` has
+      ``flax.linen.Conv``'s signature (the default :data:`attention_flax.ops.conv` gives
+      its values, faster); ``norm`` defaults to :class:`TorchBatchNorm` (PyTorch's
+      unbiased running variance, as the attention layers' batch norms), so running
+      statistics evolve as timm's; ``flax.linen.BatchNorm`` takes the same arguments and
+      variable names.
+    pool: the stem's max pool, ``flax.linen.max_pool``'s signature.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   stage_sizes: Sequence[int]
@@ -323,12 +269,13 @@ class ResNet(nn.Module):
   attn_kwargs: Mapping[str, Any] | None = None
   num_classes: int = 1000
   zero_init_last: bool = True
-  fold_gate: bool = True
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  conv: ModuleDef = DEFAULT_CONV
+  conv: ModuleDef = ops.conv
   norm: ModuleDef = TorchBatchNorm
   act: str | Callable[[Array], Array] = "relu"
+  pool: Callable[..., Array] = ops.max_pool
+  tail: Callable[..., Array] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -356,7 +303,8 @@ class ResNet(nn.Module):
     down = self._check_config()
     block_norm = functools.partial(self.norm, momentum=self.bn_momentum,
                                    epsilon=self.bn_epsilon)
-    conv = functools.partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(self.conv, use_bias=False, kernel_init=he_normal,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(block_norm, use_running_average=not train, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     act = get_act(self.act)
@@ -364,7 +312,7 @@ class ResNet(nn.Module):
 
     if self.stem == "classic":
       x = conv(stem_width, (7, 7), strides=2, padding=padding(7), name="conv1")(x)
-      x = max_pool_3x3_s2(act(batch_norm(norm, x, "bn1")))
+      x = max_pool_3x3_s2(self.pool, act(batch_norm(norm, x, "bn1")))
     elif self.stem == "deep":
       # timm's nn.Sequential indices: 0 conv, 1 bn, 2 act, 3 conv, 4 bn, 5 act, 6 conv.
       half = stem_width // 2
@@ -373,7 +321,7 @@ class ResNet(nn.Module):
       x = conv(half, (3, 3), padding=padding(3), name="conv1_3")(x)
       x = act(batch_norm(norm, x, "conv1_4"))
       x = conv(stem_width, (3, 3), padding=padding(3), name="conv1_6")(x)
-      x = max_pool_3x3_s2(act(batch_norm(norm, x, "bn1")))
+      x = max_pool_3x3_s2(self.pool, act(batch_norm(norm, x, "bn1")))
     else:  # cifar: 32x32 inputs keep their resolution into the first stage.
       x = conv(stem_width, (3, 3), padding=padding(3), name="conv1")(x)
       x = act(batch_norm(norm, x, "bn1"))
@@ -384,7 +332,7 @@ class ResNet(nn.Module):
             features=width, strides=2 if i > 0 and j == 0 else 1, down=down,
             attn=self.attn, attn_kwargs=self.attn_kwargs,
             zero_init_last=self.zero_init_last, conv=self.conv, norm=block_norm,
-            act=self.act, fold_gate=self.fold_gate, dtype=self.dtype,
+            act=self.act, tail=self.tail, dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=f"layer{i + 1}_{j}")(x, train=train)
       self.sow("intermediates", f"stage{i + 1}", x)

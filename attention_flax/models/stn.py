@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from attention_flax.conv import conv_general_dilated
+from attention_flax import ops
 from attention_flax.layers.common import get_act
 from attention_flax.layers.transformer import SpatialTransformer
 from attention_flax.models.common import ModelEntry, check_model_images
+from attention_flax.models.resnet import cifar_resnet
 
 Array = jax.Array
 
@@ -41,12 +42,16 @@ class DigitsCNN(nn.Module):
 
   Convolutions pad (k - 1) // 2 on each side, so a stage halves the size (floor); inputs
   need at least 2 ** len(features) pixels per side. Stage i's output is sown as
-  ``stage{i}``; no batch norm, so ``train`` changes nothing.
+  ``stage{i}``; no batch norm, so ``train`` changes nothing. ``conv`` and ``pool`` are
+  the factories of the convolutions and max pools (``flax.linen.Conv`` and
+  ``flax.linen.max_pool`` signatures).
   """
   num_classes: int = 10
   features: Sequence[int] = (32, 64)
   kernel_size: int = 9
   act: str | Callable = "relu"
+  conv: Callable[..., nn.Module] = ops.conv
+  pool: Callable[..., Array] = nn.max_pool
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -62,10 +67,10 @@ class DigitsCNN(nn.Module):
     pad = (self.kernel_size - 1) // 2
     y = x.astype(self.dtype)
     for i, feat in enumerate(self.features, start=1):
-      y = nn.Conv(feat, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
-                  dtype=self.dtype, param_dtype=self.param_dtype,
-                  conv_general_dilated=conv_general_dilated, name=f"conv{i}")(y)
-      y = nn.max_pool(act(y), (2, 2), strides=(2, 2), padding="VALID")
+      y = self.conv(feat, (self.kernel_size, self.kernel_size),
+                    padding=((pad, pad), (pad, pad)), dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"conv{i}")(y)
+      y = self.pool(act(y), (2, 2), strides=(2, 2), padding="VALID")
       self.sow("intermediates", f"stage{i}", y)
     y = y.reshape(y.shape[0], -1)
     y = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -79,10 +84,12 @@ class STNClassifier(nn.Module):
   Attributes:
     backbone: a factory called as ``backbone(num_classes=..., dtype=..., param_dtype=...)``
       returning a module with ``__call__(x, *, train)``; its parameters live under
-      ``backbone``.
+      ``backbone``. It is also given ``conv``.
     num_classes: classes of the backbone's output.
     out_size ... align_corners: the :class:`SpatialTransformer` fields; ``out_size`` lets
       the transformer crop/zoom to a smaller image for the backbone.
+    conv: the convolution factory of both parts (``flax.linen.Conv``'s signature).
+    sampler: the transformer's sampler (:class:`SpatialTransformer`).
     dtype: compute dtype of both parts (the sampling grid stays float32).
     param_dtype: dtype of the parameters.
   """
@@ -95,6 +102,8 @@ class STNClassifier(nn.Module):
   mode: str = "bilinear"
   padding_mode: str = "zeros"
   align_corners: bool = False
+  conv: Callable[..., nn.Module] = ops.conv
+  sampler: Callable[..., Array] = ops.grid_sample
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -105,30 +114,19 @@ class STNClassifier(nn.Module):
     y = SpatialTransformer(out_size=self.out_size, localization=self.localization,
                            loc_features=self.loc_features, loc_hidden=self.loc_hidden,
                            mode=self.mode, padding_mode=self.padding_mode,
-                           align_corners=self.align_corners, dtype=self.dtype,
+                           align_corners=self.align_corners, conv=self.conv,
+                           sampler=self.sampler, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="stn")(x, train=train)
     # The factory builds its module in this scope under an automatic name; the clone
     # gives it the stable name `backbone`.
-    net = self.backbone(num_classes=self.num_classes, dtype=self.dtype,
+    net = self.backbone(num_classes=self.num_classes, conv=self.conv, dtype=self.dtype,
                         param_dtype=self.param_dtype).clone(parent=self, name="backbone")
     return net(y, train=train).astype(jnp.float32)
 
 
-def cifar_resnet20(**kwargs: Any) -> nn.Module:
-  """The CIFAR ResNet-20 of ``attention_flax.models.resnet``, looked up when called so that
-  this file imports without it."""
-  from attention_flax.models import resnet  # pylint: disable=import-outside-toplevel
-  try:
-    entry = resnet.MODELS["resnet20"]
-  except (AttributeError, KeyError):
-    raise ValueError("stn_resnet20 needs 'resnet20' registered in "
-                     "attention_flax.models.resnet.MODELS.") from None
-  return entry.factory(**kwargs)
-
-
 stn_cnn = functools.partial(STNClassifier, backbone=DigitsCNN, num_classes=10)
 cnn_digits = functools.partial(DigitsCNN, num_classes=10)
-stn_resnet20 = functools.partial(STNClassifier, backbone=cifar_resnet20, num_classes=10)
+stn_resnet20 = functools.partial(STNClassifier, backbone=cifar_resnet(20), num_classes=10)
 
 # Tiny variants for the test suite: 24 x 24 is above the localization net's 18-pixel minimum.
 _tiny_cnn = functools.partial(DigitsCNN, features=(4, 8), kernel_size=3)

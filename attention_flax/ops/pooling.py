@@ -1,33 +1,14 @@
-"""Max pooling whose derivative is fast on XLA's CPU backend.
+"""Max pooling whose derivative is a sum of strided slices on CPU.
 
-``flax.linen.max_pool`` is ``lax.reduce_window`` with ``lax.max``. Its forward pass is fast
-everywhere, but JAX differentiates it through a select-and-gather on the window (a
-variadic reduce-window over the values and their positions) and transposes that into a
-select-and-scatter, which XLA:CPU runs as generic windowed loops: fused forward and
-backward of ResNet-50's stem pool (3 x 3, stride 2, batch 16 at 112 x 112, 64 channels)
-took 80-100 ms on a 2-core AVX-512 machine, about 6% of the whole training step.
-
-:func:`max_pool` has the same arguments and values, and writes the derivative out. With
-t_k the strided slice of the (padded) input under window tap k, the tap that wins window
-o is the first k in row-major window order with t_k[o] = y[o], the first maximum, which
-is the element JAX's and PyTorch's max pools pass the gradient to. The tangent is then
-the sum over taps of where(k wins, tangent's t_k, 0), a ``jax.custom_jvp`` that is linear
-in the tangent, so JAX transposes it into strided pads for reverse mode. Both modes work
-(``grad``, ``vjp``, ``jvp``, ``jacfwd``, ``vmap``), and the gradients equal JAX's own,
-ties included. Only on CPU, chosen at lowering time by ``lax.platform_dependent``; other
-backends keep ``flax.linen.max_pool`` and XLA's own select-and-scatter.
-
-Measured on that machine: forward + backward of the pool alone 1.8-2.5x faster for 3 x 3
-windows with stride 2 and 5-7x for 2 x 2 ones; the ResNet family's stem uses it
-(ResNet-50 and CBAM-ResNet-50 steps 1.03-1.10x faster). Inside the Residual Attention
-Network's mask branches it made the whole step 4-5% slower (Attention-56 at 32 x 32 and at
-112 x 112), so those, and the spatial transformers' small pools, where it made no
-measurable difference, keep ``flax.linen.max_pool``.
-
-One difference from ``flax.linen.max_pool``'s derivative: in a window whose maximum is
-NaN, the gradient goes to the window's first NaN (PyTorch's and JAX's own rules pick by
-comparisons that NaN fails, and do not agree with each other there).
+:func:`max_pool` has ``flax.linen.max_pool``'s arguments and values. On CPU its
+derivative is written out as a ``jax.custom_jvp``: the tangent of each window is the
+tangent of its first maximal tap (JAX's and PyTorch's choice), a sum over taps that JAX
+transposes into strided pads, instead of the select-and-scatter XLA:CPU runs as generic
+loops. Every mode of differentiation works; other backends keep ``flax.linen.max_pool``.
+In a window whose maximum is NaN the derivative goes to the first NaN.
+Measurements: docs/benchmarks.md.
 """
+
 
 from __future__ import annotations
 
@@ -39,7 +20,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from attention_flax.conv import window_taps
+from attention_flax.ops.convolution import window_taps
+from attention_flax.ops.backends import route
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -69,7 +51,7 @@ def max_pool(inputs: Array, window_shape: Sequence[int], strides: Sequence[int] 
   if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
     return plain(inputs)
   taps = functools.partial(_max_pool_by_taps, window=window, strides=steps, pads=pads)
-  return lax.platform_dependent(inputs, cpu=taps, default=plain)
+  return route("max_pool_jvp", taps, plain, inputs)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
@@ -97,6 +79,6 @@ def _max_pool_jvp(window, strides, pads, primals, tangents):
 
 def _padded_taps(x: Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads,
                  out_hw: tuple[int, int], fill: float) -> list[Array]:
-  """x padded with ``fill``, under each window tap (:func:`attention_flax.conv.window_taps`)."""
+  """x padded with ``fill``, under each window tap (:func:`attention_flax.ops.convolution.window_taps`)."""
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=fill)
   return window_taps(xp, window, strides, out_hw)

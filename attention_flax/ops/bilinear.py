@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from attention_flax.ops.backends import route
 
 Array = jax.Array
 # The taps' weights, one array per corner, and their indices: one array (each point's
@@ -185,9 +186,8 @@ def _bilinear_taps_fwd(x, index, weight, padded):
 
 
 def _bilinear_taps_bwd(padded, residuals, g):
-  dx, dweight = jax.lax.platform_dependent(
-      *residuals, g, cpu=functools.partial(taps_vjp_cpu, padded=padded),
-      default=functools.partial(taps_vjp_autodiff, padded=padded))
+  dx, dweight = route("sampler_vjp", functools.partial(taps_vjp_cpu, padded=padded),
+                      functools.partial(taps_vjp_autodiff, padded=padded), *residuals, g)
   return dx, None, dweight
 
 

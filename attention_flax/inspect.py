@@ -4,9 +4,13 @@ Grad-CAM: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks vi
 Gradient-based Localization", ICCV 2017, https://arxiv.org/abs/1610.02391.
 
 Every attention layer of ``attention_flax.layers`` sows what it applies into the
-``intermediates`` collection, and the models sow their stage outputs as ``stage{i}``.
-:func:`attention_maps` and :func:`features` run the model once with that collection
-mutable and return the sown arrays keyed by their module path ("layer1_0/se/channel_gate").
+``intermediates`` collection and declares those names in its ClassVar ``maps`` (sown
+name -> kind); the models sow their stage outputs as ``stage{i}``. :func:`attention_maps`
+and :func:`features` run the model once with that collection mutable and return the sown
+arrays keyed by their module path ("layer1_0/se/channel_gate"). A layer of your own is
+found the same way: declare ``maps = {"my_gate": "channel_gate"}`` on its class (with a
+kind of :data:`MAP_KINDS`, or a kind of your own, which is then drawn by its shape; see
+:func:`view_of`); no list here needs editing.
 :func:`grad_cam` needs the gradient of a logit with respect to a stage's activations
 without editing the model: a method interceptor (``nn.intercept_methods``) adds a zero
 perturbation to the output (or, when the stage is no module's output, the input) of the
@@ -16,7 +20,10 @@ the gradient with respect to the activations. Works for any linen model, registe
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect as _pyinspect
+import pkgutil
 from typing import Any, Mapping
 
 import jax
@@ -26,25 +33,33 @@ from flax import linen as nn
 from flax import struct
 from flax.core import unfreeze
 
+from attention_flax import layers as _layers
 from attention_flax.models.common import check_model_images
 
 Array = jax.Array
 
-# Sown name -> kind of map. Coordinate attention sows two gates of one kind.
-KINDS: dict[str, str] = {
-    "channel_gate": "channel_gate",
-    "spatial_mask": "spatial_mask",
-    "residual_mask": "residual_mask",
-    "coord_gate_h": "coord_gate",
-    "coord_gate_w": "coord_gate",
-    "context_weights": "context_weights",
-    "gather_gate": "gather_gate",
-    "stn_theta": "stn_theta",
-    "stn_output": "stn_output",
+# The vocabulary of kinds and how each is read: "gate" (N, 1, 1, C) channel scales;
+# "mask" (N, H, W, 1); "per_channel" (N, H, W, C), a mask per channel; "coord" a pair
+# (N, H, 1, C) and (N, 1, W, C) (sown as coord_gate_h / coord_gate_w); "weights" a softmax
+# over positions, (N, H, W, 1); "theta" an (N, 2, 3) affine matrix; "image" a warped input.
+KIND_VIEWS: dict[str, str] = {
+    "channel_gate": "gate",
+    "spatial_mask": "mask",
+    "residual_mask": "per_channel",
+    "coord_gate": "coord",
+    "context_weights": "weights",
+    "gather_gate": "per_channel",
+    "stn_theta": "theta",
+    "stn_output": "image",
 }
+MAP_KINDS = tuple(KIND_VIEWS)
 # Kinds whose values are gates or masks in [0, 1] (sigmoid-like or softmax weights).
 GATE_KINDS = ("channel_gate", "spatial_mask", "residual_mask", "coord_gate",
               "context_weights", "gather_gate")
+# Kinds whose maps vary per channel and position, (N, h, w, C).
+PER_CHANNEL_KINDS = tuple(k for k, v in KIND_VIEWS.items() if v == "per_channel")
+# Views drawn as overlays on the input (see spatial_views).
+SPATIAL_VIEWS = ("mask", "per_channel", "coord", "weights")
 STAGE_PREFIX = "stage"
 
 
@@ -56,12 +71,98 @@ class AttentionMap:
   Attributes:
     value: the array as sown, e.g. (N, 1, 1, C) for a channel gate, (N, H, W, 1) for a
       spatial mask, (N, 2, 3) for an STN theta.
-    kind: one of the values of :data:`KINDS`.
+    kind: the kind its layer declares for it (``maps``): one of :data:`MAP_KINDS`, or a
+      layer's own kind.
     path: the '/'-joined key, module path then sown name ("layer1_0/se/channel_gate").
   """
   value: Array
   kind: str = struct.field(pytree_node=False)
   path: str = struct.field(pytree_node=False)
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+def declared_maps(factory: Any) -> dict[str, str]:
+  """The maps ``factory`` declares, {sown name: kind}: its ``maps`` attribute, looked up
+  on the class a ``functools.partial`` wraps; {} when it declares none (a plain function,
+  or a ``maps`` that is not a mapping, such as a field counting feature maps).
+
+  Raises:
+    TypeError: ``maps`` is a mapping whose names or kinds are not strings.
+  """
+  while isinstance(factory, functools.partial):
+    factory = factory.func
+  maps = getattr(factory, "maps", None)
+  if not isinstance(maps, Mapping):
+    return {}
+  if not all(isinstance(k, str) and isinstance(v, str) for k, v in maps.items()):
+    raise TypeError(f"{factory!r} declares maps={dict(maps)!r}; it must map each sown name "
+                    f"(a string) to its kind (a string such as {MAP_KINDS[0]!r}).")
+  return dict(maps)
+
+
+@functools.lru_cache(maxsize=None)
+def _library_layers() -> tuple[type, ...]:
+  """Every layer class defined in ``attention_flax.layers`` that declares maps, registered
+  or not (CBAM's child CBAMChannel is not)."""
+  found = []
+  for info in pkgutil.iter_modules(_layers.__path__, _layers.__name__ + "."):
+    module = importlib.import_module(info.name)
+    for obj in vars(module).values():
+      if (isinstance(obj, type) and issubclass(obj, nn.Module)
+          and obj.__module__ == module.__name__ and declared_maps(obj)):
+        found.append(obj)
+  return tuple(found)
+
+
+def map_kinds() -> dict[str, str]:
+  """Sown name -> kind, read now from the ``maps`` declarations of every registered
+  attention (``attention_flax.layers.ATTENTIONS``, in registration order, so layers
+  registered later count) and of the library's unregistered layers.
+
+  :func:`attention_maps` asks the sowing module itself first; this table is its fallback
+  for modules that sow without declaring. A name declared with two kinds keeps the first.
+  """
+  kinds: dict[str, str] = {}
+  for factory in (*_layers.ATTENTIONS.values(), *_library_layers()):
+    for name, kind in declared_maps(factory).items():
+      kinds.setdefault(name, kind)
+  return kinds
+
+
+def view_of(m: AttentionMap) -> str | None:
+  """How ``m`` is drawn: the view of its kind in :data:`KIND_VIEWS`; for a kind outside
+  the vocabulary, by its shape: (N, 1, 1, C) "gate", (N, H, W, 1) "mask", (N, H, W, C)
+  "per_channel"; None for other shapes (such maps are returned but not drawn)."""
+  view = KIND_VIEWS.get(m.kind)
+  if view is not None:
+    return view
+  shape = tuple(jnp.shape(m.value))
+  if len(shape) != 4:
+    return None
+  if shape[1:3] == (1, 1):
+    return "gate"
+  return "mask" if shape[3] == 1 else "per_channel"
+
+
+def by_view(maps: Mapping[str, AttentionMap], view: str) -> dict[str, AttentionMap]:
+  """The maps drawn as ``view`` (see :func:`view_of`), order kept: ``by_view(maps,
+  "gate")`` gives every channel gate, a user kind of gate shape too."""
+  return {k: m for k, m in maps.items() if view_of(m) == view}
+
+
+def spatial_kinds(maps: Mapping[str, AttentionMap]) -> list[str]:
+  """The kinds among ``maps`` that have a spatial view (:data:`SPATIAL_VIEWS`), in the
+  order they first appear."""
+  kinds: list[str] = []
+  for m in maps.values():
+    if view_of(m) in SPATIAL_VIEWS and m.kind not in kinds:
+      kinds.append(m.kind)
+  return kinds
+
+
+# --------------------------------------------------------------------------- maps
 
 
 def _accepts_train(model: nn.Module) -> bool:
@@ -117,8 +218,13 @@ def attention_maps(model: nn.Module, variables: Any, images: Array, *, train: bo
                    ) -> dict[str, AttentionMap]:
   """Every attention map ``model`` sows on ``images``, keyed by module path.
 
+  A sown value is a map when the module that sowed it declares its name in ``maps``
+  (the library's layers and any user layer, registered or passed as a factory), or,
+  for a module declaring nothing, when :func:`map_kinds` knows the name. Other sown
+  values (stage features, a user's own intermediates) are left out.
+
   Args:
-    model: any linen module built from the library's layers.
+    model: any linen module.
     variables: its variables ({"params": ..., "batch_stats": ...}).
     images: (N, H, W, C) floating images, preprocessed as for training.
     train: run in training mode (batch statistics of this batch; the updated running
@@ -127,13 +233,25 @@ def attention_maps(model: nn.Module, variables: Any, images: Array, *, train: bo
   Returns:
     {"layer1_0/se/channel_gate": AttentionMap(value, "channel_gate", path), ...} in the
     order the layers ran. A module called k > 1 times gets keys "path:0" ... "path:k-1".
-    Pure: jit it with ``jax.jit(functools.partial(attention_maps, model))``.
+    Pure: jit it with ``jax.jit(functools.partial(attention_maps, model))`` (a jitted
+    call returns the dict with its keys sorted, as jax orders every dict it returns).
   """
   _check_inputs(model, variables, images, "attention_maps")
-  _, inter = _apply(model, variables, images, train)
+  declared: dict[tuple[str, ...], dict[str, str]] = {}
+
+  def note_declarations(next_fun, args, kwargs, context):
+    # Runs at trace time: which module sits at each path, and what it declares.
+    path = tuple(context.module.path)
+    if path not in declared:
+      declared[path] = declared_maps(context.module)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(note_declarations):
+    _, inter = _apply(model, variables, images, train)
+  fallback = map_kinds()
   maps: dict[str, AttentionMap] = {}
   for path, sown in _flatten(inter):
-    kind = KINDS.get(path[-1])
+    kind = declared.get(path[:-1], {}).get(path[-1]) or fallback.get(path[-1])
     if kind is None:
       continue
     values = _entries(sown)
@@ -167,34 +285,35 @@ def by_kind(maps: Mapping[str, AttentionMap], kind: str) -> dict[str, AttentionM
 def spatial_views(maps: Mapping[str, AttentionMap]) -> dict[str, Array]:
   """One (N, h, w) float32 map per spatially varying attention, for overlays.
 
-  spatial_mask: the mask; residual_mask and gather_gate: mean over channels;
-  context_weights: divided by each image's maximum (softmax weights sum to 1, so their
-  scale shrinks with h * w); coordinate attention: the gate it applies, mean over channels
-  of a_h * a_w, keyed "<module>/coord_gate". Channel gates and STN entries are left out.
+  By view (:func:`view_of`): a mask (spatial_mask, or a user kind of shape (N, H, W, 1))
+  as it is; a per-channel mask (residual_mask, gather_gate, or a user kind of shape
+  (N, H, W, C)): its mean over channels; context_weights: divided by each image's
+  maximum (softmax weights sum to 1, so their scale shrinks with h * w); coordinate
+  attention: the gate it applies, mean over channels of a_h * a_w, keyed
+  "<module>/coord_gate". Channel gates and STN entries are left out.
   """
   views: dict[str, Array] = {}
   coord: dict[str, dict[str, Array]] = {}
   for key, m in maps.items():
+    view = view_of(m)
+    if view not in SPATIAL_VIEWS:
+      continue
     v = jnp.asarray(m.value).astype(jnp.float32)
-    if m.kind == "spatial_mask":
+    if view == "mask":
       views[key] = v[..., 0]
-    elif m.kind in ("residual_mask", "gather_gate"):
+    elif view == "per_channel":
       views[key] = jnp.mean(v, axis=-1)
-    elif m.kind == "context_weights":
+    elif view == "weights":
       w = v[..., 0]
       peak = jnp.max(w, axis=(1, 2), keepdims=True)
       views[key] = jnp.where(peak > 0, w / jnp.where(peak > 0, peak, 1.0), 0.0)
-    elif m.kind == "coord_gate":
+    else:  # coord: a_h and a_w are sown under their own names
       module, _, name = key.rpartition("/")
       coord.setdefault(module, {})[name.split(":")[0]] = v
   for module, pair in coord.items():
     if "coord_gate_h" in pair and "coord_gate_w" in pair:
       views[f"{module}/coord_gate"] = jnp.mean(pair["coord_gate_h"] * pair["coord_gate_w"], -1)
   return views
-
-
-# Kinds whose maps vary per channel and position, (N, h, w, C).
-PER_CHANNEL_KINDS = ("residual_mask", "gather_gate")
 
 
 def channel_views(maps: Mapping[str, AttentionMap], k: int = 3) -> dict[str, Array]:
@@ -205,14 +324,15 @@ def channel_views(maps: Mapping[str, AttentionMap], k: int = 3) -> dict[str, Arr
   channel mean of :func:`spatial_views` can look flat. Here each mask's channels are
   ranked by their spatial standard deviation, averaged over the images given, and the
   top ``k`` are returned, keyed "<path>[c]" ("stage1_attn1/residual_mask[33]"), most
-  varied first. Kinds: residual_mask and gather_gate; the others are left out. The
-  ranking is read on the host, so call it outside ``jax.jit``.
+  varied first. Maps of the "per_channel" view (:func:`view_of`: residual_mask,
+  gather_gate, a user kind of shape (N, H, W, C)); the others are left out. The ranking
+  is read on the host, so call it outside ``jax.jit``.
   """
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"channel_views needs k >= 1 channels per mask; got {k!r}.")
   views: dict[str, Array] = {}
   for key, m in maps.items():
-    if m.kind not in PER_CHANNEL_KINDS:
+    if view_of(m) != "per_channel":
       continue
     v = jnp.asarray(m.value).astype(jnp.float32)
     spread = jnp.mean(jnp.std(v, axis=(1, 2)), axis=0)  # (C,)
@@ -393,6 +513,7 @@ def cam_from_gradients(activations: Array, gradients: Array, size: tuple[int, in
   return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
 
 
-__all__ = ["AttentionMap", "GATE_KINDS", "KINDS", "PER_CHANNEL_KINDS", "attention_maps",
-           "by_kind", "cam_from_gradients", "channel_views", "features", "grad_cam",
-           "spatial_views"]
+__all__ = ["AttentionMap", "GATE_KINDS", "KIND_VIEWS", "MAP_KINDS", "PER_CHANNEL_KINDS",
+           "SPATIAL_VIEWS", "attention_maps", "by_kind", "by_view", "cam_from_gradients",
+           "channel_views", "declared_maps", "features", "grad_cam", "map_kinds",
+           "spatial_kinds", "spatial_views", "view_of"]

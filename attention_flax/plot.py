@@ -9,27 +9,48 @@ Every function builds a ``matplotlib.figure.Figure`` on its own Agg canvas, so n
 touches pyplot's global state or the user's backend, returns it, and writes a PNG when
 given ``path``. The PNG measures ``figsize * dpi`` pixels exactly (no tight bounding box).
 Images may be normalised in any way: each is min-max scaled for display.
+
+Drawing needs matplotlib and Pillow, the ``plot`` extra (``pip install
+'attention_flax[plot]'``); the array helpers (``class_means``, ``grid_pixels``, ...) and
+the import itself need only jax and numpy.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from attention_flax.layers.transformer import affine_grid
+from attention_flax.sampling import affine_grid
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 DPI = 80
 CELL = 1.3  # inches per image panel
+EXTRA = "attention_flax[plot]"
+
+
+def _missing(error: ImportError) -> ImportError:
+  return ImportError(f"attention_flax.plot draws with matplotlib and Pillow, which are not "
+                     f"installed ({error}); install them with: pip install '{EXTRA}'")
 
 
 def new_figure(width: float, height: float) -> Figure:
-  """A Figure of ``width`` x ``height`` inches drawn by its own Agg canvas."""
+  """A Figure of ``width`` x ``height`` inches drawn by its own Agg canvas.
+
+  Raises:
+    ImportError: naming the ``attention_flax[plot]`` extra when matplotlib is missing.
+  """
+  # Imported here so that the library imports without the plot extra.
+  try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError as error:
+    raise _missing(error) from error
   fig = Figure(figsize=(width, height), dpi=DPI)
   FigureCanvasAgg(fig)
   return fig
@@ -47,8 +68,10 @@ def to_palette(path: str, colors: int = 256) -> str:
   """Rewrites the PNG at ``path`` with at most ``colors`` colours (8-bit palette, Pillow's
   median cut), keeping its size in pixels; heat-map figures shrink to a third or less of
   their RGBA size, which keeps pictures committed to a repository small. Returns ``path``."""
-  from PIL import Image  # matplotlib depends on Pillow
-
+  try:
+    from PIL import Image
+  except ImportError as error:
+    raise _missing(error) from error
   if not 2 <= int(colors) <= 256:
     raise ValueError(f"to_palette needs 2 <= colors <= 256; got {colors}.")
   with Image.open(path) as im:

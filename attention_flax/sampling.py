@@ -166,19 +166,21 @@ def grid_sample(x: Array, grid: Array, mode: str = "bilinear", padding_mode: str
   iy = source_index(g[..., 1], h, padding_mode, align_corners)
   flat = x.reshape(n, h * w, c)
 
-  def tap(cx: Array, cy: Array) -> Array:
-    """The pixels at integer-valued (cx, cy), zero outside the image: (N, P, C)."""
+  def tap(cx: Array, cy: Array, weight: Array) -> Array:
+    """``weight`` times the pixels at integer-valued (cx, cy), (N, P, C); 0 outside the
+    image and at NaN coordinates, which then pass no gradient to the image."""
     valid = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
     index = (jnp.clip(cy, 0, h - 1).astype(jnp.int32) * w
              + jnp.clip(cx, 0, w - 1).astype(jnp.int32))
-    rows = jnp.take_along_axis(flat, index[..., None], axis=1)
-    return jnp.where(valid[..., None], rows, jnp.zeros((), x.dtype))
+    rows = jnp.take_along_axis(flat, index[..., None], axis=1, mode="clip")
+    weight = jnp.where(valid, weight, jnp.zeros((), weight.dtype))
+    return rows.astype(weight.dtype) * weight[..., None]
 
   if mode == "nearest":
-    out = tap(jnp.round(ix), jnp.round(iy))
+    out = tap(jnp.round(ix), jnp.round(iy), jnp.ones_like(ix))
   else:
     x0, y0 = jnp.floor(ix), jnp.floor(iy)
-    fx, fy = (ix - x0)[..., None], (iy - y0)[..., None]
-    out = (tap(x0, y0) * ((1 - fx) * (1 - fy)) + tap(x0 + 1, y0) * (fx * (1 - fy))
-           + tap(x0, y0 + 1) * ((1 - fx) * fy) + tap(x0 + 1, y0 + 1) * (fx * fy))
+    fx, fy = ix - x0, iy - y0
+    out = (tap(x0, y0, (1 - fx) * (1 - fy)) + tap(x0 + 1, y0, fx * (1 - fy))
+           + tap(x0, y0 + 1, (1 - fx) * fy) + tap(x0 + 1, y0 + 1, fx * fy))
   return out.reshape(n, h_out, w_out, c).astype(x.dtype)

@@ -7,7 +7,8 @@ experiment shrinks it through ``shrink_for_smoke`` to a few steps on the embedde
 on tfds mock data, so every config can be exercised without a dataset or an accelerator.
 
 Keys (beyond the data block, documented in ``data_config``):
-  model, model_kwargs: registry name and the overrides passed to ``create_model``.
+  model, model_kwargs: registry name and the overrides passed to ``create_model``; on the
+    command line ``--config.model_kwargs.KEY=VALUE``, KEY one of the model's fields.
   compare_with: a second registry name trained after ``model`` with the same settings
     (into ``workdir/baseline``); both test accuracies are reported. "" = none.
   batch_size, eval_batch_size: global batch sizes (split over processes and devices).

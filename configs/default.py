@@ -9,10 +9,7 @@ laptop CPU. The images are upsampled to 16x16 (one channel) and fed to the CIFAR
 SE-ResNet-20 (He et al. 2016 sec. 4.2 with the SE block of Hu et al. 2018, rd_ratio 1/16):
 Nesterov SGD, lr 0.1 with one epoch of warm-up and a cosine decay, weight decay 5e-4,
 1-pixel random crops, 20 epochs (440 steps of 64) over the 1,437 training digits.
-
-Measured with `python -m train` from a fresh clone on 2 CPU cores (a test run sharing
-them): 99.17% test accuracy (357 / 360), about 1 min 50 s wall in total (86 s of training
-at 413 images/s, the rest start-up, compilation and evaluation).
+Its result and the pictures drawn from it: docs/pictures.md.
 """
 
 from __future__ import annotations

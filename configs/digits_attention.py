@@ -11,16 +11,8 @@ the paper's CIFAR section with one attention module per stage (``attention56_cif
 trained with the default digits recipe (``configs/default.py``: 16x16 one-channel digits,
 Nesterov SGD, lr 0.1 with a cosine decay, 1-pixel random crops) for 10 epochs. The CIFAR
 layout takes any input side that halves cleanly: at 16x16 the three stages' soft masks
-are 16x16, 8x8 and 4x4, and their mask branches pool down to 2x2.
-
-Measured with the first command on 2 shared CPU cores: 98.89% test accuracy (356 / 360),
-5 min 1 s wall in total (3 min 8 s of training at 75 images/s; the rest is compiling the
-network, evaluating and checkpointing). Repeated on otherwise idle cores with the current
-convolutions of ``attention_flax.conv``: 98.89% again (356 / 360),
-3 min 22 s of training at 91 images/s. Repeated once more after the Residual Attention
-modules moved from Flax's BatchNorm to ``TorchBatchNorm`` (PyTorch's running-variance
-rule, one-pass statistics): 98.89% (356 / 360) at 106 images/s, 3 min 22 s wall in total.
-``docs/pictures.md`` shows the masks of the first run.
+are 16x16, 8x8 and 4x4, and their mask branches pool down to 2x2. Its results and
+masks: docs/pictures.md.
 """
 
 from __future__ import annotations

@@ -14,16 +14,11 @@ prints both test accuracies. Paper (MNIST RTS, error %): CNN 0.8, ST-CNN 0.5.
 
 The paper trains with SGD, lr 0.01 divided by 10 every 50k iterations, batch 256
 (sec. 4.1) on 60x60 canvases. So that both models train on a CPU, this config uses 40x40
-canvases (the same distortions, scaled) and 4 epochs of Nesterov SGD with a cosine
-schedule. Measured on 2 shared CPU cores (716 steps each, about 33 minutes for both):
-stn_cnn 89.5% vs. cnn_digits 83.4% test accuracy; each repeated alone later with the
-current convolution code on idle cores: 89.0% vs. 83.0% (8 and 7 minutes of training).
-The canvases are uint8, so the step now normalises them on the device
-(``data.normalize_on_device``): inputs equal to the host's within float32 rounding (one
-ulp on 7% of the pixels), which gave 87.7% vs. 83.4%; ``--config.data.normalize_on_device
-=False`` reproduces the 89.0% run exactly. Read the accuracies as +-1.5 points.
-Longer runs and the paper's canvas:
---config.num_epochs=40 --config.data.image_size=60.
+canvases (the same distortions, scaled) and 4 epochs (716 steps of 64) of Nesterov SGD
+with a cosine schedule. The canvases are uint8, normalised in the step
+(``data.normalize_on_device``). Longer runs and the paper's canvas:
+--config.num_epochs=40 --config.data.image_size=60. Results and the transformer's
+panels: docs/pictures.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers shared by the convolution tests."""
+"""Helpers shared by the convolution tests (tests/ops/test_convolution.py, test_banded.py)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Tests of attention_flax.inspect: sown maps by path and kind, stage features, Grad-CAM
-against hand computations (a quadrant-summing head; CAM for GAP + linear heads)."""
+against hand computations (a quadrant-summing head; CAM for GAP + linear heads); kinds
+read from the layers' ``maps`` declarations, a user's kinds drawn by their shape."""
 
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import chex
 import jax
@@ -12,9 +14,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import attention_flax
 from attention_flax import inspect as ins
 from attention_flax import models
-from attention_flax.layers import ResidualAttention
+from attention_flax.layers import CBAM, ResidualAttention, SqueezeExcite
+from attention_flax.layers.hybrid import CBAMChannel
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,3 +234,129 @@ def test_channel_views_rank_channels_by_spatial_spread():
       "attn/residual_mask[1]", "attn/residual_mask[2]", "attn/residual_mask[0]"]
   with pytest.raises(ValueError, match="k >= 1"):
     ins.channel_views(maps, k=0)
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+def test_map_kinds_come_from_the_layers_declarations():
+  # The table the library's layers declare: the one this module used to keep by hand.
+  assert ins.map_kinds() == {
+      "channel_gate": "channel_gate", "spatial_mask": "spatial_mask",
+      "residual_mask": "residual_mask", "coord_gate_h": "coord_gate",
+      "coord_gate_w": "coord_gate", "context_weights": "context_weights",
+      "gather_gate": "gather_gate", "stn_theta": "stn_theta", "stn_output": "stn_output"}
+  # Every registered layer declares maps, of the vocabulary's kinds.
+  for name, factory in attention_flax.ATTENTIONS.items():
+    declared = ins.declared_maps(factory)
+    assert declared and set(declared.values()) <= set(ins.MAP_KINDS), name
+  # CBAM declares what its children sow; the unregistered child declares its own.
+  assert ins.declared_maps(CBAM) == {"channel_gate": "channel_gate",
+                                     "spatial_mask": "spatial_mask"}
+  assert CBAMChannel in ins._library_layers()  # pylint: disable=protected-access
+  assert ins.declared_maps(CBAMChannel) == {"channel_gate": "channel_gate"}
+
+
+def test_declared_maps_of_classes_partials_and_objects():
+  class Declares:
+    maps = {"a": "spatial_mask"}
+
+  assert ins.declared_maps(functools.partial(functools.partial(SqueezeExcite, rd_ratio=0.5),
+                                             act="gelu")) == {"channel_gate": "channel_gate"}
+  assert ins.declared_maps(Declares()) == {"a": "spatial_mask"}
+  assert ins.declared_maps(lambda **kw: SqueezeExcite(**kw)) == {}
+
+  class CountsMaps:  # a field that happens to be called `maps`
+    maps = 4
+
+  assert ins.declared_maps(CountsMaps) == {}
+
+  class Malformed:
+    maps = {"a": 1}
+
+  with pytest.raises(TypeError, match="sown name.*to its kind"):
+    ins.declared_maps(Malformed)
+
+
+class UserMaps(nn.Module):
+  """Sows maps of kinds outside the vocabulary, one declared with a library kind under a
+  library name but another kind, and one value it does not declare."""
+  maps: ClassVar[dict[str, str]] = {"saliency": "saliency", "per_pixel": "mixed",
+                                    "scale": "scale", "vector": "embedding",
+                                    "channel_gate": "my_kind"}
+
+  @nn.compact
+  def __call__(self, x):
+    x = x * self.param("one", nn.initializers.ones, (1,))
+    s = jax.nn.sigmoid(x)
+    self.sow("intermediates", "saliency", jnp.mean(s, -1, keepdims=True))     # (N, H, W, 1)
+    self.sow("intermediates", "per_pixel", s)                                # (N, H, W, C)
+    self.sow("intermediates", "scale", jnp.mean(s, (1, 2), keepdims=True))    # (N, 1, 1, C)
+    self.sow("intermediates", "vector", jnp.mean(s, (1, 2)))                 # (N, C)
+    self.sow("intermediates", "channel_gate", jnp.max(s, (1, 2), keepdims=True))
+    self.sow("intermediates", "debug", x)                                    # not a map
+    return x
+
+
+class Undeclared(nn.Module):
+  """Sows a library name without declaring it: the name table gives its kind."""
+
+  @nn.compact
+  def __call__(self, x):
+    self.sow("intermediates", "spatial_mask", jax.nn.sigmoid(x[..., :1]))
+    return x
+
+
+class UserNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = UserMaps(name="mine")(x)
+    return Undeclared(name="plain")(x)
+
+
+def test_user_kinds_are_returned_and_viewed_by_shape():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 6, 3))
+  model = UserNet()
+  # Not jitted: jit returns dicts in sorted key order, this checks the sowing order.
+  maps = ins.attention_maps(model, {"params": model.init(jax.random.PRNGKey(1), x)["params"]}, x)
+  s = np.asarray(jax.nn.sigmoid(x))
+  expected = {
+      "mine/saliency": ("saliency", "mask", s.mean(-1, keepdims=True)),
+      "mine/per_pixel": ("mixed", "per_channel", s),
+      "mine/scale": ("scale", "gate", s.mean((1, 2), keepdims=True)),
+      "mine/vector": ("embedding", None, s.mean((1, 2))),
+      # The module's own declaration wins over the library's kind for the name.
+      "mine/channel_gate": ("my_kind", "gate", s.max((1, 2), keepdims=True)),
+      "plain/spatial_mask": ("spatial_mask", "mask", s[..., :1]),
+  }
+  assert list(maps) == list(expected)  # "mine/debug" is no map
+  for key, (kind, view, value) in expected.items():
+    assert maps[key].kind == kind and ins.view_of(maps[key]) == view, key
+    np.testing.assert_allclose(maps[key].value, value, rtol=1e-6, err_msg=key)
+  assert list(ins.by_view(maps, "gate")) == ["mine/scale", "mine/channel_gate"]
+  assert ins.spatial_kinds(maps) == ["saliency", "mixed", "spatial_mask"]
+  views = ins.spatial_views(maps)
+  assert list(views) == ["mine/saliency", "mine/per_pixel", "plain/spatial_mask"]
+  np.testing.assert_allclose(views["mine/saliency"], s.mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(views["mine/per_pixel"], s.mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(views["plain/spatial_mask"], s[..., 0], rtol=1e-6)
+  # The per-channel user kind is ranked like a residual mask.
+  spread = s.std(axis=(1, 2)).mean(0)
+  top = int(np.argmax(spread))
+  channels = ins.channel_views(maps, k=1)
+  assert list(channels) == [f"mine/per_pixel[{top}]"]
+  np.testing.assert_allclose(channels[f"mine/per_pixel[{top}]"], s[..., top], rtol=1e-6)
+
+
+def test_view_of_the_vocabulary_does_not_depend_on_shape():
+  # An STN output is (N, H, W, C) but no per-channel mask; a (N, H, W, 1) context weight
+  # is normalised by its peak, not drawn as a mask.
+  out = ins.AttentionMap(jnp.ones((1, 4, 4, 3)), "stn_output", "stn/stn_output")
+  assert ins.view_of(out) == "image" and ins.spatial_views({"o": out}) == {}
+  w = np.zeros((1, 2, 2, 1), np.float32)
+  w[0, 0, 1, 0] = 0.25
+  ctx = ins.AttentionMap(jnp.asarray(w), "context_weights", "gc/context_weights")
+  np.testing.assert_array_equal(ins.spatial_views({"c": ctx})["c"], [[[0.0, 1.0], [0.0, 0.0]]])
+  assert ins.PER_CHANNEL_KINDS == ("residual_mask", "gather_gate")
+  assert set(ins.GATE_KINDS) <= set(ins.MAP_KINDS)

@@ -5,7 +5,10 @@
   python -m train --config=configs/cifar10_resnet20.py:smoke --workdir=/tmp/smoke
 
 ``--config.key=value`` overrides any key of the (locked) config; an unknown key stops with
-an error naming it. The workdir defaults to ``runs/<config name>[_<arg>]``. A workdir that
+an error naming it. ``--config.model_kwargs.KEY=VALUE`` sets a field of the model
+(``--config.model_kwargs.down=conv``); the value parses as a Python literal (ints, floats,
+bools, tuples), else as a string, and a KEY that is not a field of ``config.model`` stops
+with an error listing its fields. The workdir defaults to ``runs/<config name>[_<arg>]``. A workdir that
 holds a checkpoint is resumed. Several hosts: set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM, Open MPI or a Cloud TPU pod)
 and start the same command on every host. The last line printed is the test accuracy.
@@ -13,10 +16,12 @@ and start the same command on every host. The last line printed is the test accu
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import sys
 import traceback
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,25 +44,69 @@ def _config_error(err: Exception) -> str:
           "configs/__init__.py (base_config and data_config).")
 
 
+_MODEL_KWARG = re.compile(r"^--?config\.model_kwargs\.")
+
+
+def parse_value(text: str) -> Any:
+  """A command-line value as ml_collections parses one of unknown type: a Python literal
+  (true / false as bools; lists become tuples, as Flax fields want), else the string."""
+  try:
+    value = ast.literal_eval(text.capitalize() if text in ("true", "false") else text)
+  except (SyntaxError, ValueError):
+    return text
+  return tuple(value) if isinstance(value, list) else value
+
+
+def split_model_kwargs(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+  """``argv`` (flag files expanded) without its ``--config.model_kwargs.KEY[=VALUE]`` items,
+  and those items as {KEY: value} (a bare KEY is True). config_flags would refuse them:
+  model_kwargs is an empty dict in a locked config."""
+  rest, kwargs = [], {}
+  for arg in flags.FLAGS.read_flags_from_files(argv, force_gnu=False):
+    found = _MODEL_KWARG.match(arg)
+    if found:
+      key, has_value, text = arg[found.end():].partition("=")
+      kwargs[key] = parse_value(text) if has_value else True
+    else:
+      rest.append(arg)
+  return rest, kwargs
+
+
+def with_model_kwargs(config: Any, kwargs: dict[str, Any]) -> Any:
+  """``config`` with ``kwargs`` added to config.model_kwargs, after checking that each key
+  is a field of config.model (ValueError listing the fields)."""
+  if not kwargs:
+    return config
+  from train import state  # Imports JAX: only once the flags are known to be good.
+  state.check_model_kwargs(config.model, kwargs)
+  with config.unlocked():
+    config.model_kwargs.update(kwargs)
+  return config
+
+
 def _define_config_flag():
   """--config; config_flags loads the file (and default overrides) while defining it."""
   try:
     return config_flags.DEFINE_config_file(
         "config", os.path.join(_CONFIG_DIR, "default.py"),
         "Experiment config file, optionally with ':arg' (e.g. configs/default.py:smoke).",
-        lock_config=True)
+        lock_config=True, sys_argv=split_model_kwargs(sys.argv)[0])
   except (KeyError, AttributeError, ValueError) as err:
     sys.exit(_config_error(err))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with unknown --config.KEY overrides reported in one line."""
+  """absl's parsing, with unknown --config.KEY overrides reported in one line; the
+  model_kwargs overrides are kept for :func:`main`."""
+  argv, kwargs = split_model_kwargs(argv)
+  _MODEL_KWARGS.update(kwargs)
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as err:
     sys.exit(_config_error(err))
 
 
+_MODEL_KWARGS: dict[str, Any] = {}  # --config.model_kwargs.KEY=VALUE, set by _parse_flags
 _CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results "
@@ -109,7 +158,11 @@ def main(argv: list[str]) -> None:
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(config_path)
   try:
-    results = trainer.train_and_evaluate(_CONFIG.value, workdir)
+    config = with_model_kwargs(_CONFIG.value, _MODEL_KWARGS)
+  except (ValueError, TypeError) as err:  # A bad key or value: one line, no trace.
+    sys.exit(f"error: {err}")
+  try:
+    results = trainer.train_and_evaluate(config, workdir)
   except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError,
           metrics.NonFiniteLossError) as err:
     # Configuration, data and checkpoint problems: the trace for context, then the

@@ -1,4 +1,4 @@
-"""The training loop: state, optimiser, schedules, sharded jitted steps, train_and_evaluate.
+"""The training loop: sharded jitted steps and ``train_and_evaluate`` in named phases.
 
 Data parallel over every device of every process: a 1-D ``Mesh`` over a "data" axis,
 batches sharded along it (``NamedSharding(mesh, P("data"))``) and the state replicated
@@ -10,88 +10,53 @@ order of summation. Each process feeds its own slice of the global batch
 
 ``train_step(state, batch, rng)`` is a pure function, jitted once with the state donated;
 the rng is folded with the step so a resumed run draws the same numbers. Per-step metrics
-stay on the device until a log point (see ``train.metrics``).
+stay on the device until a log point (see ``train.metrics``). A run goes through
+:func:`setup`, :func:`train_loop`, :func:`finish` and :func:`report`. The step functions
+are in ``train.steps``, schedules and the optimiser in ``train.optim``, the state and the
+model in ``train.state``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import struct
-from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from attention_flax import conv
+from attention_flax import ops
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
-from train import device_augment
-from train.device_augment import normalize_images  # noqa: F401  (importable from here too)
 from train import metrics as metrics_lib
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
-
-
-class TrainState(train_state.TrainState):
-  """step, params, opt_state (from flax) plus batch-norm statistics and the run's key.
-
-  ``schedule`` (step -> learning rate), ``label_smoothing``, the per-channel
-  ``image_mean`` / ``image_std`` that uint8 batches are normalised with
-  (:func:`normalize_images`) and ``image_size``, the side that device-augmented batches
-  are resized to (:func:`input_images`), are static: part of the compiled step, not of
-  the checkpoint.
-  """
-  batch_stats: Any
-  rng: jax.Array
-  schedule: Callable[[Any], Any] = struct.field(pytree_node=False, default=None)
-  label_smoothing: float = struct.field(pytree_node=False, default=0.0)
-  image_mean: tuple[float, ...] = struct.field(pytree_node=False, default=(0.0,))
-  image_std: tuple[float, ...] = struct.field(pytree_node=False, default=(1.0,))
-  image_size: int = struct.field(pytree_node=False, default=0)
-
-
-def input_images(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
-  """The model's input from a batch and the state's image_size, image_mean and image_std
-  (``train.device_augment.model_input``)."""
-  return device_augment.model_input(batch, state.image_size, state.image_mean,
-                                    state.image_std)
-
-
-def state_to_tree(state: TrainState) -> dict[str, Any]:
-  """The arrays of ``state`` that a checkpoint holds."""
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state, "rng": state.rng}
-
-
-def _choice_error(kind: str, value: Any, choices: tuple[str, ...]) -> ValueError:
-  return ValueError(f"Unknown {kind} {value!r}; choose one of: {', '.join(choices)} "
-                    f"(--config.{kind}=...).")
+from train import optim
+# Importable from here too: the steps, the model and the state the trainer is built on.
+from train.device_augment import normalize_images  # noqa: F401
+from train.state import TrainState, build_model, check_model_kwargs, state_to_tree
+from train.steps import cross_entropy, eval_step, input_images, train_step  # noqa: F401
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the values the trainer reads, before any data is loaded or anything compiled.
 
   Raises:
-    ValueError: an unknown model (the registry's message), optimizer or schedule, or a
-      value out of range; each message names the key to change.
+    ValueError: an unknown model (the registry's message), model_kwargs key, optimizer or
+      schedule, or a value out of range; each message names the key to change.
   """
   from attention_flax import models  # The registry's own error names close matches.
   models.model_info(config.model)
+  check_model_kwargs(config.model, config.model_kwargs.keys())
   if config.compare_with:
     models.model_info(config.compare_with)
-  if config.optimizer not in OPTIMIZERS:
-    raise _choice_error("optimizer", config.optimizer, OPTIMIZERS)
-  if config.schedule not in SCHEDULES:
-    raise _choice_error("schedule", config.schedule, SCHEDULES)
+  if config.optimizer not in optim.OPTIMIZERS:
+    raise optim.choice_error("optimizer", config.optimizer, optim.OPTIMIZERS)
+  if config.schedule not in optim.SCHEDULES:
+    raise optim.choice_error("schedule", config.schedule, optim.SCHEDULES)
   for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     if int(config[key]) < 1:
@@ -113,109 +78,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"(each takes an equal slice); use a multiple of {devices}.")
 
 
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """config.num_train_steps when > 0, else num_epochs worth of steps."""
-  if config.num_train_steps > 0:
-    return int(config.num_train_steps)
-  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
-
-
-def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
-                  ) -> Callable[[Any], jax.Array]:
-  """Step -> learning rate: constant, step decay or cosine, after an optional linear warm-up.
-
-  Step decay multiplies by ``decay_factor`` at each boundary (``decay_steps``, else
-  ``decay_epochs`` * steps_per_epoch): the update of step b, counted from 0, is the first
-  at the decayed rate, as PyTorch's MultiStepLR. Cosine falls from the peak at the end
-  of warm-up to 0 at the last step. Warm-up scales linearly from 0 at step 0.
-  """
-  base = float(config.learning_rate)
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  total = total_steps(config, steps_per_epoch)
-  boundaries = tuple(config.decay_steps) or tuple(
-      int(round(e * steps_per_epoch)) for e in config.decay_epochs)
-  kind, factor = config.schedule, float(config.decay_factor)
-  if kind not in SCHEDULES:
-    raise _choice_error("schedule", kind, SCHEDULES)
-
-  def schedule(step):
-    step = jnp.asarray(step).astype(jnp.float32)
-    if kind == "step":
-      passed = sum((step >= b).astype(jnp.float32) for b in boundaries) if boundaries else 0.0
-      lr = base * jnp.power(jnp.float32(factor), passed)
-    elif kind == "cosine":
-      progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
-      lr = base * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    else:
-      lr = jnp.full((), base, jnp.float32)
-    if warmup > 0:
-      lr = lr * jnp.minimum(1.0, step / warmup)
-    return lr
-
-  return schedule
-
-
-def decay_mask(params: Any) -> Any:
-  """True for weights that get weight decay: kernels (ndim > 1), not biases or norm params."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def _standard_promotion(update: Callable) -> Callable:
-  """Runs an optax update under standard dtype promotion: Adam's bias correction raises a
-  float to the int32 step count, which ``jax_numpy_dtype_promotion="strict"`` rejects."""
-  def wrapped(updates, state, params=None):
-    with jax.numpy_dtype_promotion("standard"):
-      return update(updates, state, params)
-  return wrapped
-
-
-def make_optimizer(config: ml_collections.ConfigDict, schedule: Callable
-                   ) -> optax.GradientTransformation:
-  """Global-norm clipping (optional), then SGD with L2 weight decay or AdamW.
-
-  SGD adds ``weight_decay * w`` to the gradient before momentum, as PyTorch's SGD; AdamW
-  decays decoupled from the gradient statistics. Biases and norm parameters never decay.
-  """
-  parts = []
-  if config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if config.optimizer == "sgd":
-    if config.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
-                           nesterov=bool(config.nesterov)))
-  elif config.optimizer == "adamw":
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                        weight_decay=config.weight_decay, mask=decay_mask)
-    parts.append(optax.GradientTransformation(adamw.init, _standard_promotion(adamw.update)))
-  else:
-    raise _choice_error("optimizer", config.optimizer, OPTIMIZERS)
-  return optax.chain(*parts)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-                  ) -> jax.Array:
-  """Per-example softmax cross-entropy of (N, K) logits and (N,) integer labels.
-
-  With smoothing a, the target is (1 - a) * one_hot + a / K.
-  """
-  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
 def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.Array,
                        input_shape: tuple[int, int, int], *, steps_per_epoch: int = 1,
                        mesh: Mesh | None = None) -> TrainState:
   """Initialises ``model`` on zeros of (1, H, W, C) = (1, *input_shape), replicated on the mesh."""
-  schedule = make_schedule(config, steps_per_epoch)
-  tx = make_optimizer(config, schedule)
+  schedule = optim.make_schedule(config, steps_per_epoch)
+  tx = optim.make_optimizer(config, schedule)
   init_rng, state_rng = jax.random.split(rng)
   # Initialisers draw from an "rbg" key derived from rng: XLA compiles its bit generator
   # several times faster than threefry's, which dominated start-up on CPUs.
   init_key = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(init_rng), 2), impl="rbg")
-
   spec = data_lib.parse_data_config(config.data)
 
   def init(key):
@@ -233,62 +105,6 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(init_key)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a (global) batch {"image": (N, H, W, C), "label": (N,)}; uint8 images
-  are normalised first with the state's image_mean / image_std, and a device-augmented
-  batch is augmented first (:func:`input_images`).
-
-  Returns the new state and scalar metrics: loss, accuracy, learning_rate, grad_norm,
-  param_norm and "finite" (false once loss, gradients or parameters overflow).
-  """
-  rng = jax.random.fold_in(rng, state.step)
-  images = input_images(state, batch)
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"])
-    logits = logits.astype(jnp.float32)
-    loss = cross_entropy(logits, batch["label"], state.label_smoothing).mean()
-    return loss, (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads,
-                                    batch_stats=updates.get("batch_stats", state.batch_stats))
-  grad_norm = optax.tree.norm(grads)
-  param_norm = optax.tree.norm(new_state.params)
-  metrics = {
-      "loss": loss,
-      "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)),
-      "learning_rate": jnp.asarray(state.schedule(state.step), jnp.float32),
-      "grad_norm": grad_norm,
-      "param_norm": param_norm,
-      "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
-  }
-  return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums over the real examples of a batch (``batch["mask"]`` = 1; padding = 0).
-
-  Returns {"correct_top1", "correct_top5", "loss_sum", "count"}; top-5 is top-k with
-  k = min(5, classes). The loss has no label smoothing. Images are prepared as in
-  :func:`train_step`.
-  """
-  images = input_images(state, batch)
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          images, train=False).astype(jnp.float32)
-  labels = batch["label"]
-  mask = batch.get("mask")
-  mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  _, topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))
-  top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
-  return {"correct_top1": jnp.sum(top1 * mask), "correct_top5": jnp.sum(top5 * mask),
-          "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask), "count": jnp.sum(mask)}
-
-
 def make_mesh(devices: Any = None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: all devices of all processes), axis "data"."""
   return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
@@ -298,13 +114,13 @@ def compile_steps(mesh: Mesh, compiler_options: dict[str, Any] | None = None
                   ) -> tuple[Callable, Callable]:
   """``train_step`` and ``eval_step`` jitted for the mesh: batch sharded, state replicated.
 
-  ``compiler_options`` go to ``jax.jit``; by default ``conv.cpu_compiler_options()`` on a
-  CPU mesh (XLA's own convolution kernels, see ``attention_flax.conv``) and none
-  elsewhere; pass ``{}`` for XLA's defaults.
+  ``compiler_options`` go to ``jax.jit``; by default ``attention_flax.ops.compiler_options``
+  of the mesh's platform (on CPU, options that keep convolutions with XLA's own kernels;
+  none elsewhere); pass ``{}`` for XLA's defaults.
   """
   if compiler_options is None:
-    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    compiler_options = conv.cpu_compiler_options() if on_cpu else {}
+    platforms = {d.platform for d in mesh.devices.flat}
+    compiler_options = ops.compiler_options(platforms.pop()) if len(platforms) == 1 else {}
   options = dict(compiler_options) or None
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   train_fn = jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
@@ -320,15 +136,6 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   sharding = NamedSharding(mesh, P("data"))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-  """``create_model(config.model)`` with config.model_kwargs; bf16 compute if half_precision."""
-  from attention_flax import models
-  overrides = config.model_kwargs.to_dict()
-  if config.half_precision:
-    overrides.setdefault("dtype", jnp.bfloat16)
-  return models.create_model(config.model, num_classes=num_classes, **overrides)
 
 
 def evaluate(eval_fn: Callable, state: TrainState, config: ml_collections.ConfigDict,
@@ -349,21 +156,41 @@ def evaluate(eval_fn: Callable, state: TrainState, config: ml_collections.Config
           "loss": float(totals["loss_sum"]) / n, "count": int(totals["count"])}
 
 
-def _write_attention_png(model, state: TrainState, config: ml_collections.ConfigDict,
-                         workdir: str, step: int) -> str:
-  """Draws what the model attends to on the first eval images: workdir/attention/step_N.png."""
-  from train import visualize  # matplotlib is imported only when pictures are asked for.
-  images = next(iter(data_lib.eval_batches(config.data, batch_size=config.eval_batch_size,
-                                           augment_on_device=False)))
-  variables = {"params": jax.device_get(state.params),
-               "batch_stats": jax.device_get(state.batch_stats)}
-  path = os.path.join(workdir, "attention", f"step_{step}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  return visualize.write_eval_overlay(model, variables, images["image"][:6], path)
+# ------------------------------------------------------------------ the phases of a run
 
 
-def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains config.model into ``workdir`` (resuming its checkpoint), then evaluates it."""
+@dataclasses.dataclass
+class Run:
+  """What the phases of one training run share: set up once, closed by :func:`close`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: Any
+  mesh: Mesh
+  primary: bool  # process 0: writes the files
+  start: int  # the step resumed from (0 for a fresh run)
+  last_step: int
+  batches: Iterator[dict[str, np.ndarray]]
+  ckpt: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricWriter
+  progress: metrics_lib.Progress
+  throughput: metrics_lib.Throughput
+  train_fn: Callable
+  eval_fn: Callable
+  wall_start: float
+
+
+def due(config: ml_collections.ConfigDict, step: int, last_step: int) -> tuple[bool, bool]:
+  """(save, evaluate): whether ``step`` ends with a checkpoint and an evaluation. The last
+  step's are :func:`finish`'s."""
+  if step >= last_step:
+    return False, False
+  evaluate_now = bool(config.eval_every_steps) and step % config.eval_every_steps == 0
+  return step % config.checkpoint_every_steps == 0, evaluate_now
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
+  """Builds the model, mesh, state (resumed from ``workdir``'s checkpoint when it has one),
+  input pipeline, writers and compiled steps; writes workdir/config.json."""
   wall_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   info = data_lib.get_info(config.data)
@@ -371,7 +198,6 @@ def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   mesh = make_mesh()
   primary, processes = jax.process_index() == 0, jax.process_count()
   steps_per_epoch = max(1, info.num_train // config.batch_size)
-  last_step = total_steps(config, steps_per_epoch)
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
       metadata=ckpt_lib.run_metadata(config, info.num_classes, info.image_shape))
@@ -386,73 +212,115 @@ def _train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       keep_uint8=data_lib.parse_data_config(config.data).normalize_on_device))
   if resume:
     state = state.replace(**ckpt.restore(state_to_tree(state), batches))
-  start = int(state.step)
+  start, last_step = int(state.step), optim.total_steps(config, steps_per_epoch)
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  writer = metrics_lib.MetricWriter(workdir, enabled=primary, resume_step=start)
-  progress = metrics_lib.Progress(last_step, start, enabled=config.progress_bar and primary,
-                                  desc=config.model)
   train_fn, eval_fn = compile_steps(mesh)
+  run = Run(
+      config=config, workdir=workdir, model=model, mesh=mesh, primary=primary, start=start,
+      last_step=last_step, batches=batches, ckpt=ckpt,
+      writer=metrics_lib.MetricWriter(workdir, enabled=primary, resume_step=start),
+      progress=metrics_lib.Progress(last_step, start, desc=config.model,
+                                    enabled=config.progress_bar and primary),
+      throughput=metrics_lib.Throughput(config.batch_size), train_fn=train_fn,
+      eval_fn=eval_fn, wall_start=wall_start)
+  return run, state
+
+
+def train_loop(run: Run, state: TrainState) -> tuple[TrainState, int]:
+  """Steps from ``run.start`` to ``run.last_step``, logging, saving and evaluating on the
+  way; returns the state and its step."""
+  config, pending, step = run.config, [], run.start
   # A buffer of its own: the state's copy is donated at every step.
-  rng = jax.device_put(jax.device_get(state.rng), NamedSharding(mesh, P()))
-  throughput, pending, step = metrics_lib.Throughput(config.batch_size), [], start
-  try:
-    while step < last_step:
-      state, step_metrics = train_fn(state, shard_batch(next(batches), mesh), rng)
-      step += 1
-      pending.append(step_metrics)
-      progress.update()
-      if step == start + 1:  # The first step compiles: time the steps after it.
-        jax.block_until_ready(step_metrics)
-        throughput.resume()
-      else:
-        throughput.count()
-      save = step % config.checkpoint_every_steps == 0 and step < last_step
-      run_eval = bool(config.eval_every_steps) and step % config.eval_every_steps == 0
-      run_eval = run_eval and step < last_step
-      if pending and (step % config.log_every_steps == 0 or save or run_eval
-                      or step == last_step):
-        # Fetching the metrics checks them, so no non-finite state is ever saved.
-        summary = metrics_lib.summarize(pending, step - len(pending))
-        summary["images_per_second"] = throughput.rate()
-        writer.write(step, "train", summary)
-        progress.show(step, summary)
-        pending = []
-      if save or run_eval:
-        throughput.pause()
-        if save:
-          ckpt.save(step, state_to_tree(state), batches)
-        if run_eval:
-          writer.write(step, "eval", evaluate(eval_fn, state, config, mesh))
-          if config.attention_png and primary:
-            _write_attention_png(model, state, config, workdir, step)
-        throughput.resume()
-    throughput.pause()
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state_to_tree(state), batches)
-    final = evaluate(eval_fn, state, config, mesh)
-    writer.write(step, "eval", final)
-    if config.attention_png and primary:
-      _write_attention_png(model, state, config, workdir, step)
-  finally:
-    progress.close()
-    writer.close()
-    ckpt.close()  # Finishes the last good save even when a non-finite loss stopped the run.
-    batches.close()  # Stops the input pipeline's threads and worker processes now.
+  rng = jax.device_put(jax.device_get(state.rng), NamedSharding(run.mesh, P()))
+  while step < run.last_step:
+    state, step_metrics = run.train_fn(state, shard_batch(next(run.batches), run.mesh), rng)
+    step += 1
+    pending.append(step_metrics)
+    run.progress.update()
+    if step == run.start + 1:  # The first step compiles: time the steps after it.
+      jax.block_until_ready(step_metrics)
+      run.throughput.resume()
+    else:
+      run.throughput.count()
+    save, evaluate_now = due(config, step, run.last_step)
+    if step % config.log_every_steps == 0 or save or evaluate_now or step == run.last_step:
+      log_train(run, step, pending)
+      pending = []
+    if save or evaluate_now:
+      run.throughput.pause()
+      if save:
+        run.ckpt.save(step, state_to_tree(state), run.batches)
+      if evaluate_now:
+        evaluate_and_draw(run, state, step)
+      run.throughput.resume()
+  run.throughput.pause()
+  return state, step
+
+
+def log_train(run: Run, step: int, pending: list[dict[str, jax.Array]]) -> None:
+  """Writes one train line: the means of the steps in ``pending`` (ending at ``step``).
+  Fetching the metrics checks them, so no non-finite state is ever saved."""
+  summary = metrics_lib.summarize(pending, step - len(pending))
+  summary["images_per_second"] = run.throughput.rate()
+  run.writer.write(step, "train", summary)
+  run.progress.show(step, summary)
+
+
+def evaluate_and_draw(run: Run, state: TrainState, step: int) -> dict[str, float]:
+  """Evaluates, writes the eval line and, with config.attention_png, the picture
+  workdir/attention/step_N.png; returns the evaluation."""
+  result = evaluate(run.eval_fn, state, run.config, run.mesh)
+  run.writer.write(step, "eval", result)
+  if run.config.attention_png and run.primary:
+    from train import overlay  # matplotlib is imported only when pictures are asked for.
+    overlay.write_attention_png(run.model, state, run.config, run.workdir, step)
+  return result
+
+
+def finish(run: Run, state: TrainState, step: int) -> dict[str, float]:
+  """Saves the last step (unless saved already) and evaluates it; returns the evaluation."""
+  if run.ckpt.latest_step() != step:
+    run.ckpt.save(step, state_to_tree(state), run.batches)
+  return evaluate_and_draw(run, state, step)
+
+
+def close(run: Run) -> None:
+  """Closes the writers, the checkpointer and the input pipeline."""
+  run.progress.close()
+  run.writer.close()
+  run.ckpt.close()  # Finishes the last good save even when a non-finite loss stopped the run.
+  run.batches.close()  # Stops the input pipeline's threads and worker processes now.
+
+
+def report(run: Run, state: TrainState, step: int, final: dict[str, float]) -> dict[str, Any]:
+  """The results dict; process 0 writes it to workdir/results.json and draws the curves."""
   results = {
-      "model": config.model, "test_accuracy": final["accuracy"], "test_top5": final["top5"],
-      "test_loss": final["loss"], "eval_examples": final["count"], "steps": int(step),
-      "resumed_from_step": start, "images_per_second": throughput.rate(),
-      "train_seconds": throughput.seconds, "wall_seconds": time.time() - wall_start,
+      "model": run.config.model, "test_accuracy": final["accuracy"],
+      "test_top5": final["top5"], "test_loss": final["loss"], "eval_examples": final["count"],
+      "steps": int(step), "resumed_from_step": run.start,
+      "images_per_second": run.throughput.rate(), "train_seconds": run.throughput.seconds,
+      "wall_seconds": time.time() - run.wall_start,
       "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
-      "devices": jax.device_count(), "processes": processes,
+      "devices": jax.device_count(), "processes": jax.process_count(),
   }
-  if primary:
-    metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
-    if config.plot_curves:
-      metrics_lib.plot_curves(workdir)
+  if run.primary:
+    metrics_lib.write_json(os.path.join(run.workdir, "results.json"), results)
+    if run.config.plot_curves:
+      metrics_lib.plot_curves(run.workdir)
   return results
+
+
+def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains config.model into ``workdir`` (resuming its checkpoint), then evaluates it."""
+  run, state = setup(config, workdir)
+  try:
+    state, step = train_loop(run, state)
+    final = finish(run, state, step)
+  finally:
+    close(run)
+  return report(run, state, step, final)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -468,13 +336,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     import tensorflow_datasets as tfds
     mock = tfds.testing.mock_data(num_examples=config.mock_data)
   with mock:
-    results = _train_one(config, workdir)
+    results = train_one(config, workdir)
     if config.compare_with:
       baseline = config.copy_and_resolve_references()
       with baseline.unlocked():
         baseline.model, baseline.compare_with = config.compare_with, ""
         baseline.model_kwargs = ml_collections.ConfigDict()
-      results["baseline"] = _train_one(baseline, os.path.join(workdir, "baseline"))
+      results["baseline"] = train_one(baseline, os.path.join(workdir, "baseline"))
       if jax.process_index() == 0:
         metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
   return results

@@ -6,10 +6,11 @@
 
 From a run: the newest checkpoint of ``workdir/checkpoints`` and the run's
 ``workdir/config.json`` rebuild the model and the eval data; ``num_images`` eval images
-are drawn. One PNG is written per kind of map the model sows (channel_gates.png,
-spatial_mask.png, residual_mask.png, coord_gate.png, context_weights.png, gather_gate.png,
-stn.png), for per-channel masks also their most varied channels
-(residual_mask_channels.png, gather_gate_channels.png), plus grad_cam_<stage>.png for the
+are drawn. The maps are found by the kinds their layers declare (``attention_flax.inspect``),
+a layer of your own included: channel gates go to channel_gates.png, each kind with a
+spatial view to <kind>.png (spatial_mask.png, residual_mask.png, coord_gate.png,
+context_weights.png, gather_gate.png, ...), for per-channel masks also their most varied
+channels (<kind>_channels.png), the STN to stn.png, plus grad_cam_<stage>.png for the
 last stage; ``--palette`` stores them as 8-bit palette PNGs. With ``--timm`` the converted
 pretrained weights (``attention_flax.convert.load_pretrained``) are used on the given
 images instead (resized to the model's input size, or ``--image_size``; ImageNet
@@ -25,60 +26,54 @@ import os
 import sys
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attention_flax import inspect as ins
 from attention_flax import plot
+# Shared with the trainer, which draws the eval overlay without importing this module.
+from train.overlay import maps_fn as _maps_fn
+from train.overlay import write_eval_overlay  # noqa: F401  (part of this module's API)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-# The kinds drawn as overlays on the input, and the file each goes to.
-SPATIAL_KINDS = ("spatial_mask", "residual_mask", "coord_gate", "context_weights",
-                 "gather_gate")
-_JITTED: dict[Any, Any] = {}
 
 
-def _maps_fn(model: Any):
-  """``attention_maps`` of ``model`` compiled once per model (models hash by fields)."""
-  try:
-    return _JITTED.setdefault(model, jax.jit(lambda v, x: ins.attention_maps(model, v, x)))
-  except TypeError:  # an unhashable user module: compile without caching
-    return jax.jit(lambda v, x: ins.attention_maps(model, v, x))
-
-
-def _views_of_kind(maps: dict, kind: str) -> dict:
-  return ins.spatial_views(ins.by_kind(maps, kind))
+def _file_name(kind: str) -> str:
+  """A kind as a file name: a user's kind may hold any character."""
+  return "".join(c if c.isalnum() or c in "_-." else "_" for c in kind)
 
 
 def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
                labels: Sequence[int] | None = None, num_classes: int | None = None,
                grad_cam_layer: str | None = None, palette: bool = False) -> list[str]:
-  """Writes one PNG per kind of map ``model`` sows on ``images``, for per-channel masks
-  also one of their most varied channels (``<kind>_channels.png``; ``inspect.channel_views``
-  ranks them over all ``images``), and a Grad-CAM of the last sown stage (or
+  """Writes one PNG per kind of map ``model`` sows on ``images`` (the channel gates of
+  every kind in one, see ``inspect.view_of``), for per-channel masks also one of their
+  most varied channels (``<kind>_channels.png``; ``inspect.channel_views`` ranks them
+  over all ``images``), and a Grad-CAM of the last sown stage (or
   ``grad_cam_layer``); returns the paths written. ``palette`` stores them as 8-bit palette
   PNGs (``plot.to_palette``), a third of the size or less."""
   os.makedirs(out_dir, exist_ok=True)
   images = jnp.asarray(images, jnp.float32)
   maps = _maps_fn(model)(variables, images)
   written = []
-  gates = ins.by_kind(maps, "channel_gate")
+  gates = ins.by_view(maps, "gate")
   if gates:
     p = os.path.join(out_dir, "channel_gates.png")
     plot.plot_channel_gates({k: m.value for k, m in gates.items()}, labels,
                             num_classes=num_classes, path=p)
     written.append(p)
-  for kind in SPATIAL_KINDS:
-    views = _views_of_kind(maps, kind)
+  for kind in ins.spatial_kinds(maps):
+    of_kind = ins.by_kind(maps, kind)
+    views = ins.spatial_views(of_kind)
     if views:
-      p = os.path.join(out_dir, f"{kind}.png")
+      p = os.path.join(out_dir, f"{_file_name(kind)}.png")
       plot.plot_overlays(images, views, path=p)
       written.append(p)
-    if kind in ins.PER_CHANNEL_KINDS and views:
+    per_channel = ins.channel_views(of_kind)
+    if per_channel:
       # The channel mean can hide masks that favour opposite regions: show channels too.
-      p = os.path.join(out_dir, f"{kind}_channels.png")
-      plot.plot_overlays(images, ins.channel_views(ins.by_kind(maps, kind)), path=p)
+      p = os.path.join(out_dir, f"{_file_name(kind)}_channels.png")
+      plot.plot_overlays(images, per_channel, path=p)
       written.append(p)
   thetas = ins.by_kind(maps, "stn_theta")
   outputs = ins.by_kind(maps, "stn_output")
@@ -109,41 +104,6 @@ def _train_kw(model: Any) -> dict:
   return {"train": False} if ins._accepts_train(model) else {}  # pylint: disable=protected-access
 
 
-def write_eval_overlay(model: Any, variables: Any, images: Any, path: str) -> str:
-  """One small PNG of what ``model`` attends to on ``images`` (the first 6 are drawn).
-
-  Picks the deepest spatial maps when the model has any (masks overlaid on the inputs;
-  for per-channel masks, whose channel mean is often flat, the most varied channel of
-  each), else the STN panel, else the channel-gate strips; a model that sows no attention
-  gets a Grad-CAM of its last stage. Map extraction is one jitted call, compiled once per
-  model. Returns ``path``.
-  """
-  images = jnp.asarray(images, jnp.float32)[:6]
-  maps = _maps_fn(model)(variables, images)
-  views = ins.spatial_views(
-      {k: m for k, m in maps.items() if m.kind not in ins.PER_CHANNEL_KINDS})
-  views.update(ins.channel_views(maps, k=1))
-  if views:
-    names = list(views)[-3:]
-    plot.plot_overlays(images, {k: views[k] for k in names}, path=path)
-    return path
-  thetas, outputs = ins.by_kind(maps, "stn_theta"), ins.by_kind(maps, "stn_output")
-  if thetas and outputs:
-    plot.plot_stn(images, next(iter(thetas.values())).value,
-                  next(iter(outputs.values())).value, path=path)
-    return path
-  gates = ins.by_kind(maps, "channel_gate")
-  if gates:
-    plot.plot_channel_gates({k: m.value for k, m in list(gates.items())[-3:]}, path=path)
-    return path
-  stages = [k for k, v in ins.features(model, variables, images).items() if v.ndim == 4]
-  if not stages:
-    raise ValueError("write_eval_overlay: the model sows neither attention maps nor "
-                     "'stage{i}' features; nothing to draw.")
-  plot.plot_grad_cam(images, ins.grad_cam(model, variables, images, stages[-1]), path=path)
-  return path
-
-
 # ------------------------------------------------------------------------ from a run
 
 
@@ -153,7 +113,7 @@ def load_run(workdir: str, num_images: int) -> dict[str, Any]:
 
   from train import checkpoint as ckpt_lib
   from train import data as data_lib
-  from train import trainer
+  from train.state import build_model
 
   config_path = os.path.join(workdir, "config.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -170,7 +130,7 @@ def load_run(workdir: str, num_images: int) -> dict[str, Any]:
   if os.path.isfile(meta_path):
     with open(meta_path) as f:
       num_classes = int(json.load(f).get("num_classes", num_classes))
-  model = trainer.build_model(config, num_classes)
+  model = build_model(config, num_classes)
   variables = {"params": state["params"]}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]

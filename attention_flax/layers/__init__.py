@@ -9,6 +9,7 @@ gives the names.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from flax import linen as nn
@@ -76,10 +77,14 @@ def create_attention(attn: str | Callable[..., nn.Module], /, **kwargs) -> nn.Mo
 register_attention("se", SqueezeExcite)
 register_attention("ese", EffectiveSE)
 register_attention("eca", ECA)
+register_attention("ecam", functools.partial(ECA, use_mlp=True))
+register_attention("ceca", functools.partial(ECA, padding="circular"))
 register_attention("ge", GatherExcite)
 register_attention("spatial", SpatialAttention)
 register_attention("cbam", CBAM)
+register_attention("lcbam", functools.partial(CBAM, light=True))
 register_attention("gc", GlobalContext)
+register_attention("gca", functools.partial(GlobalContext, fuse="add"))
 register_attention("coord", CoordAttention)
 register_attention("residual", ResidualAttention)
 register_attention("stn", SpatialTransformer)

@@ -9,7 +9,7 @@
   Neural Networks", https://arxiv.org/abs/1810.12348.
 
 The gating MLPs act on pooled (N, C) vectors with ``nn.Dense`` rather than 1x1 convolutions
-on (N, 1, 1, C) maps: the same arithmetic, a cheaper XLA op. A timm/PyTorch 1x1 conv weight
+on (N, 1, 1, C) maps: the same arithmetic as a plain matrix product. A timm/PyTorch 1x1 conv weight
 of shape (O, I, 1, 1) is the Dense kernel ``w[:, :, 0, 0].T`` of shape (I, O); biases map
 unchanged. Parameters use Flax's default initialisers (LeCun-normal kernels, zero biases).
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from attention_flax.layers.common import check_images, get_act, reduced_width
+from attention_flax.layers.common import check_images, get_act, make_divisible, reduced_width
 
 Array = jax.Array
 
@@ -93,6 +93,8 @@ class SqueezeExcite(nn.Module):
   :meth:`gate_from_pooled` computes the gate from the (N, C) spatial mean alone.
   """
   pools: ClassVar[tuple[str, ...]] = ("mean",)
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate"}
 
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 8
@@ -127,6 +129,8 @@ class EffectiveSE(nn.Module):
   sows ``"channel_gate"`` (N, 1, 1, C); :meth:`gate_from_pooled` as :class:`SqueezeExcite`.
   """
   pools: ClassVar[tuple[str, ...]] = ("mean",)
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate"}
 
   gate: str | Callable = "hard_sigmoid"
   dtype: Any = None
@@ -158,6 +162,9 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
   return max(t if t % 2 else t + 1, 3)
 
 
+_ECA_PADDINGS = ("zeros", "circular")
+
+
 class ECA(nn.Module):
   """Efficient Channel Attention: a 1-D convolution across the pooled channel vector.
 
@@ -168,15 +175,38 @@ class ECA(nn.Module):
   ``w.reshape(k, 1, 1)`` (both are correlations, no flip). Sows ``"channel_gate"``;
   :meth:`gate_from_pooled` as :class:`SqueezeExcite`.
 
+  Two variants of timm 1.0 (not in the paper), each a field:
+
+  * ``padding="circular"`` (timm's ``CecaModule``, registered as ``"ceca"``): the channel
+    sequence wraps around, so the first and last channels are neighbours.
+  * ``use_mlp=True`` (timm's ``EcaModule(use_mlp=True)``, registered as ``"ecam"``): every
+    channel mean is lifted to ``rd`` features by a 1x1 layer with bias (child ``conv``,
+    kernel (1, 1, rd) from timm's (rd, 1, 1)), passed through ``act``, and the k-tap
+    convolution maps the rd features back to one, with bias (child ``conv2``, kernel
+    (k, rd, 1) from timm's (1, rd, k)). ``rd`` is ``rd_channels`` or timm's
+    ``make_divisible(C * rd_ratio, rd_divisor)`` with its 0.9 round limit: 8 for C = 64,
+    32 for C = 256.
+
   Attributes:
     kernel_size: odd kernel size, or None to derive it from C with :func:`eca_kernel_size`.
     gamma, beta: the constants of that mapping (the paper's 2 and 1).
+    padding: ``"zeros"`` (the paper) or ``"circular"`` padding of the channel sequence.
+    use_mlp: the per-channel MLP variant above; ``rd_ratio``, ``rd_divisor``,
+      ``rd_channels`` and ``act`` apply only to it.
   """
   pools: ClassVar[tuple[str, ...]] = ("mean",)
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate"}
 
   kernel_size: int | None = None
   gamma: float = 2
   beta: float = 1
+  padding: str = "zeros"
+  use_mlp: bool = False
+  rd_ratio: float = 1.0 / 8
+  rd_divisor: int = 8
+  rd_channels: int | None = None
+  act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -195,13 +225,34 @@ class ECA(nn.Module):
       k = self.kernel_size
       if not isinstance(k, int) or k < 1 or k % 2 == 0:
         raise ValueError(
-            f"ECA needs an odd positive kernel_size so that the zero padding is symmetric; "
+            f"ECA needs an odd positive kernel_size so that the padding is symmetric; "
             f"got {k!r}. Pass an odd size such as 3, 5 or 7, or None to derive it from the "
             "channel count.")
+    if self.padding not in _ECA_PADDINGS:
+      raise ValueError(f"ECA padding must be one of {_ECA_PADDINGS}; got {self.padding!r}.")
     pad = (k - 1) // 2
+
+    def taps(y: Array, features: int, use_bias: bool, name: str) -> Array:
+      """The k-tap convolution along the channel axis of (N, C, F) -> (N, C, features)."""
+      if self.padding == "circular":
+        y, pads = jnp.pad(y, ((0, 0), (pad, pad), (0, 0)), mode="wrap"), [(0, 0)]
+      else:
+        pads = [(pad, pad)]
+      return nn.Conv(features, kernel_size=(k,), padding=pads, use_bias=use_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)(y)
+
     # (N, C) -> (N, C, 1): the channels become the spatial axis of a 1-D convolution.
-    y = nn.Conv(1, kernel_size=(k,), padding=[(pad, pad)], use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(mean[:, :, None])
+    y = mean[:, :, None]
+    if self.use_mlp:
+      if self.rd_channels is not None:
+        hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
+      else:  # timm rounds this width with its default 0.9 round limit, unlike SE's 0
+        hidden = make_divisible(channels * self.rd_ratio, self.rd_divisor, round_limit=0.9)
+      y = nn.Conv(hidden, kernel_size=(1,), use_bias=True, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="conv")(y)
+      y = taps(get_act(self.act)(y), 1, True, "conv2")
+    else:
+      y = taps(y, 1, False, "conv")
     gate = get_act(self.gate)(y[:, :, 0])[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
     return gate
@@ -246,6 +297,9 @@ class GatherExcite(nn.Module):
   ValueError. Input and output (N, H, W, C). Sows ``"channel_gate"`` (N, 1, 1, C) for
   ``extent=0`` and ``"gather_gate"`` (N, H', W', C), at the gathered resolution, otherwise.
   """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate", "gather_gate": "gather_gate"}
+
   extent: int = 0
   extra_params: bool = False
   use_mlp: bool = True

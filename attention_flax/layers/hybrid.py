@@ -6,10 +6,11 @@
   Networks and Beyond", https://arxiv.org/abs/1904.11492 -- attention-pooled context, a
   LayerNorm bottleneck transform, fused by scaling and/or addition.
 
-Defaults reproduce timm's ``CbamModule`` and ``GlobalContext`` (timm 1.0). MLPs act on
-pooled (N, C) vectors with ``nn.Dense``; a timm 1x1 conv weight (O, I, 1, 1) is the Dense
-kernel ``w[:, :, 0, 0].T`` (I, O). Gates are computed in ``dtype`` and applied in the
-input's dtype.
+Defaults reproduce timm's ``CbamModule`` and ``GlobalContext`` (timm 1.0); fields give its
+``LightCbamModule`` (``CBAM(light=True)``) and add-fused ``GlobalContext`` (``fuse="add"``,
+timm's ``"gca"``). MLPs act on pooled (N, C) vectors with ``nn.Dense``; a timm 1x1 conv
+weight (O, I, 1, 1) is the Dense kernel ``w[:, :, 0, 0].T`` (I, O). Gates are computed in
+``dtype`` and applied in the input's dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from attention_flax import ops
 from attention_flax.layers.channel import ChannelMlp
 from attention_flax.layers.common import check_images, get_act, reduced_width
 from attention_flax.layers.norm import TorchBatchNorm
-from attention_flax.layers.spatial import SpatialAttention
+from attention_flax.layers.spatial import SpatialAttention, _batch_norm
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
@@ -35,14 +36,19 @@ class CBAMChannel(nn.Module):
 
   ``x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))`` with ``mlp = fc2(act(fc1(.)))``, children
   ``fc1`` (C -> rd) and ``fc2`` (rd -> C), no biases by default (timm's ``ChannelAttn``).
+  ``light=True`` is timm's ``LightChannelAttn``: the two descriptors are averaged first and
+  pass the MLP once, ``x * gate(mlp(0.5 * mean_hw(x) + 0.5 * max_hw(x)))``, same children.
   Input and output (N, H, W, C); sows ``"channel_gate"`` (N, 1, 1, C).
   :meth:`gate_from_pooled` computes the gate from the two (N, C) pools alone.
   """
   pools: ClassVar[tuple[str, ...]] = ("mean", "max")
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate"}
 
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
   rd_channels: int | None = None
+  light: bool = False
   mlp_bias: bool = False
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
@@ -63,15 +69,59 @@ class CBAMChannel(nn.Module):
           f"{getattr(top, 'shape', None)}.")
     channels = mean.shape[-1]
     hidden = reduced_width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
-    # Both descriptors go through the MLP in one batch: (2, N, C).
+    # Both descriptors go through the MLP in one batch, (2, N, C), or (1, N, C) averaged.
+    pooled = (0.5 * mean + 0.5 * top)[None] if self.light else jnp.stack([mean, top])
     y = nn.Dense(hidden, use_bias=self.mlp_bias, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc1")(jnp.stack([mean, top]))
+                 param_dtype=self.param_dtype, name="fc1")(pooled)
     y = get_act(self.act)(y)
     y = nn.Dense(channels, use_bias=self.mlp_bias, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc2")(y)
-    gate = get_act(self.gate)(y[0] + y[1])[:, None, None, :]
+    gate = get_act(self.gate)(y[0] if self.light else y[0] + y[1])[:, None, None, :]
     self.sow("intermediates", "channel_gate", gate)
     return gate
+
+
+class LightSpatialAttention(nn.Module):
+  """timm's light CBAM spatial gate: ``x * gate(bn(conv_kxk(0.5 * mean_c(x) + 0.5 *
+  max_c(x))))``.
+
+  Like :class:`~attention_flax.layers.spatial.SpatialAttention`, but the channel mean and
+  max are averaged into one map before the k x k convolution (child ``conv``, no bias,
+  kernel (k, k, 1, 1) from timm's (1, 1, k, k), symmetric zero padding ``(k - 1) // 2``),
+  followed by an optional BatchNorm (child ``bn``). timm's ``LightSpatialAttn`` (inside
+  ``LightCbamModule``), not in the CBAM paper. Input and output (N, H, W, C); sows
+  ``"spatial_mask"`` (N, H, W, 1). ``norm`` and ``conv`` are factories as in
+  ``SpatialAttention``.
+  """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"spatial_mask": "spatial_mask"}
+
+  kernel_size: int = 7
+  use_bn: bool = True
+  norm: ModuleDef = TorchBatchNorm
+  gate: str | Callable = "sigmoid"
+  conv: ModuleDef = ops.spatial_conv
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    check_images(x, type(self).__name__)
+    k = self.kernel_size
+    if not isinstance(k, int) or k < 1 or k % 2 == 0:
+      raise ValueError(
+          f"{type(self).__name__} needs an odd positive kernel_size so that the padding is "
+          f"symmetric; got {k!r}. Use e.g. 7 or 3.")
+    pad = (k - 1) // 2
+    mean, top = ops.mean_and_max(x, (-1,), keepdims=True)
+    logits = self.conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)],
+                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="conv")(0.5 * mean + 0.5 * top)
+    if self.use_bn:
+      logits = _batch_norm(self.norm, logits, train, self.param_dtype, "bn")
+    mask = get_act(self.gate)(logits)
+    self.sow("intermediates", "spatial_mask", mask)
+    return x * mask.astype(x.dtype)
 
 
 class CBAM(nn.Module):
@@ -89,8 +139,16 @@ class CBAM(nn.Module):
 
   The channel gate can be computed from pooled statistics (:meth:`gate_from_pooled`);
   :meth:`after_gate` then applies the spatial gate to the channel-gated map.
+
+  ``light=True`` is timm's ``LightCbamModule`` (registered as ``"lcbam"``; not in the
+  paper): mean and max are averaged before the channel MLP (``CBAMChannel(light=True)``)
+  and before the spatial convolution (:class:`LightSpatialAttention`, kernel (k, k, 1, 1)),
+  with the same children and variable names, so timm's weights convert as CBAM's do;
+  ``pool_order`` then plays no part.
   """
   pools: ClassVar[tuple[str, ...]] = ("mean", "max")
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate", "spatial_mask": "spatial_mask"}
 
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 1
@@ -98,6 +156,7 @@ class CBAM(nn.Module):
   kernel_size: int = 7
   pool_order: Sequence[str] = ("mean", "max")
   spatial_bn: bool = True
+  light: bool = False
   norm: ModuleDef = TorchBatchNorm
   conv: ModuleDef = ops.spatial_conv
   mlp_bias: bool = False
@@ -108,13 +167,18 @@ class CBAM(nn.Module):
 
   def setup(self):
     self.channel = CBAMChannel(rd_ratio=self.rd_ratio, rd_divisor=self.rd_divisor,
-                               rd_channels=self.rd_channels, mlp_bias=self.mlp_bias,
-                               act=self.act, gate=self.gate, dtype=self.dtype,
-                               param_dtype=self.param_dtype)
-    self.spatial = SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
-                                    use_bn=self.spatial_bn, norm=self.norm, conv=self.conv,
-                                    gate=self.gate, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
+                               rd_channels=self.rd_channels, light=self.light,
+                               mlp_bias=self.mlp_bias, act=self.act, gate=self.gate,
+                               dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.light:
+      self.spatial = LightSpatialAttention(kernel_size=self.kernel_size, use_bn=self.spatial_bn,
+                                           norm=self.norm, conv=self.conv, gate=self.gate,
+                                           dtype=self.dtype, param_dtype=self.param_dtype)
+    else:
+      self.spatial = SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
+                                      use_bn=self.spatial_bn, norm=self.norm, conv=self.conv,
+                                      gate=self.gate, dtype=self.dtype,
+                                      param_dtype=self.param_dtype)
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
@@ -143,10 +207,16 @@ class GlobalContext(nn.Module):
   ``mlp_scale`` for scale fusion and ``mlp_add`` for add fusion (timm's names). Add
   fusion's ``fc2`` starts at zero, so a fresh add-only block is the identity.
 
-  timm's defaults: scale fusion only, ``rd_ratio=1/8`` with divisor 1. ``fuse="both"``
-  applies the scale, then adds. Input and output (N, H, W, C); sows ``"context_weights"``
-  (N, H, W, 1) and, with scale fusion, ``"channel_gate"`` (N, 1, 1, C).
+  timm's defaults: scale fusion only, ``rd_ratio=1/8`` with divisor 1. ``fuse="add"`` is
+  timm's ``"gca"`` (``fuse_add=True, fuse_scale=False``; registered as ``"gca"``), the
+  paper's choice. ``fuse="both"`` applies the scale, then adds. Input and output
+  (N, H, W, C); sows ``"context_weights"`` (N, H, W, 1) and, with scale fusion,
+  ``"channel_gate"`` (N, 1, 1, C).
   """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"context_weights": "context_weights",
+                                            "channel_gate": "channel_gate"}
+
   fuse: str = "scale"
   use_attn: bool = True
   rd_ratio: float = 1.0 / 8

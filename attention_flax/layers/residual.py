@@ -29,7 +29,7 @@ Deliberate differences from the Caffe definition:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +209,9 @@ class ResidualAttention(nn.Module):
 
   Input (N, H, W, C); output (N, H, W, features).
   """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"residual_mask": "residual_mask"}
+
   p: int = 1
   t: int = 2
   r: int = 1

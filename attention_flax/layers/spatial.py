@@ -16,7 +16,7 @@ timm's do in training; they compute in float32 whatever ``dtype`` is. Gates are 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,9 @@ class SpatialAttention(nn.Module):
     conv: factory of ``conv`` (``flax.linen.Conv``'s signature); the default
       :data:`attention_flax.ops.spatial_conv` gives ``nn.Conv``'s values, faster.
   """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"spatial_mask": "spatial_mask"}
+
   kernel_size: int = 7
   pool_order: Sequence[str] = ("max", "mean")
   use_bn: bool = False
@@ -129,6 +132,9 @@ class CoordAttention(nn.Module):
   code keeps PyTorch's default biases (``use_bias=True``). ``norm`` is the factory of
   ``bn1``, as in :class:`SpatialAttention` (default ``TorchBatchNorm``: PyTorch's rule).
   """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"coord_gate_h": "coord_gate", "coord_gate_w": "coord_gate"}
+
   rd_ratio: float = 1.0 / 32
   rd_divisor: int = 8
   rd_channels: int | None = None

@@ -9,7 +9,7 @@ localization network (:class:`LocalizationNet`), turns it into a sampling grid
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,9 @@ class SpatialTransformer(nn.Module):
   out_size None it returns its input exactly, in either mode and align_corners. Sows
   ``"stn_theta"`` (N, 2, 3) and ``"stn_output"`` (N, H_out, W_out, C).
   """
+  # The maps it sows, by name, and their kind (attention_flax.inspect).
+  maps: ClassVar[dict[str, str]] = {"stn_theta": "stn_theta", "stn_output": "stn_output"}
+
   out_size: tuple[int, int] | None = None
   localization: Callable[[], nn.Module] | None = None
   loc_features: Sequence[int] = (8, 10)

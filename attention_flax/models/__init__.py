@@ -3,13 +3,15 @@
 ``MODELS`` is one plain dict, name -> :class:`ModelEntry`, merged from the family files
 (``resnet``, ``residual_attention``, ``stn``). ``create_model("seresnet50", num_classes=10)``
 builds a model; ``list_models("*resnet*")`` lists names; ``count_params`` and ``flops``
-measure one without running it (abstract shapes only).
+measure one without running it (abstract shapes only). ``model.clone(**plain_factories(model))``
+is the same model built from plain Flax only.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -18,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from attention_flax import sampling
+from attention_flax.layers import ATTENTIONS
 from attention_flax.models import residual_attention, resnet, stn
-from attention_flax.models.common import ModelEntry
+from attention_flax.models.common import ModelEntry, plain_tail
 from attention_flax.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
@@ -63,6 +67,47 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Mod
   return model_info(name).factory(num_classes=num_classes, **overrides)
 
 
+# The plain-Flax value of each factory field a model or layer may have.
+PLAIN_FACTORIES: dict[str, Any] = {"conv": nn.Conv, "pool": nn.max_pool, "tail": plain_tail,
+                                   "sampler": sampling.grid_sample}
+
+
+def _field_names(factory: Any) -> set[str]:
+  """The dataclass fields of a module, module class or ``functools.partial`` of one."""
+  while isinstance(factory, functools.partial):
+    factory = factory.func
+  cls = factory if isinstance(factory, type) else type(factory)
+  return set(getattr(cls, "__dataclass_fields__", ()))
+
+
+def plain_factories(model: nn.Module) -> dict[str, Any]:
+  """Field overrides that build ``model`` from plain Flax alone, for ``model.clone(**...)``.
+
+  Every field among ``conv``, ``pool``, ``tail``, ``sampler`` the model has gets its plain
+  counterpart (``flax.linen.Conv``, ``flax.linen.max_pool``,
+  :func:`~attention_flax.models.common.plain_tail`,
+  :func:`attention_flax.sampling.grid_sample`); an attention layer (``attn``) with such
+  fields gets them through ``attn_kwargs``. The values and the parameter tree are the
+  default model's (to float rounding); the plain model is slower but differentiable in
+  every mode (``jax.jvp``, ``jax.jacfwd``). A ``backbone`` factory (``STNClassifier``,
+  which passes it its ``conv``) is wrapped to take the plain ``pool`` and ``tail`` too.
+  """
+  fields = _field_names(model)
+  plain = {k: v for k, v in PLAIN_FACTORIES.items() if k in fields}
+  attn = getattr(model, "attn", None)
+  if "attn_kwargs" in fields and attn is not None:
+    layer = ATTENTIONS.get(attn.lower()) if isinstance(attn, str) else attn
+    extra = {k: v for k, v in PLAIN_FACTORIES.items() if k in _field_names(layer)}
+    if extra:
+      plain["attn_kwargs"] = {**(model.attn_kwargs or {}), **extra}
+  if "backbone" in fields:
+    inner = {k: v for k, v in PLAIN_FACTORIES.items()
+             if k != "conv" and k in _field_names(model.backbone)}
+    if inner:
+      plain["backbone"] = functools.partial(model.backbone, **inner)
+  return plain
+
+
 def count_params(variables: Any) -> int:
   """Number of parameters: the "params" collection if present, else every leaf.
 
@@ -75,10 +120,10 @@ def count_params(variables: Any) -> int:
 
 def flops(model: nn.Module, input_shape: Sequence[int], dtype: Any = jnp.float32
           ) -> float | None:
-  """GFLOPs of one inference forward pass on an (N, H, W, C) input, from XLA's cost model.
+  """GFLOPs of one inference forward pass on an (N, H, W, C) input, from the compiler's cost model.
 
   Nothing runs: variables come from ``jax.eval_shape`` and the jitted apply is only lowered
-  and compiled. XLA counts a multiply-add as 2 FLOPs (ResNet-50 at 224: about 8.2 GFLOPs
+  and compiled. The compiler counts a multiply-add as 2 FLOPs (ResNet-50 at 224: about 8.2 GFLOPs
   for the papers' 4.1 "GFLOPs", which are multiply-adds). Returns None when the backend
   reports no cost.
   """
@@ -96,6 +141,6 @@ def flops(model: nn.Module, input_shape: Sequence[int], dtype: Any = jnp.float32
 
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "MODELS", "ModelEntry", "ResNet", "count_params",
-    "create_model", "flops", "list_models", "model_info",
+    "BasicBlock", "Bottleneck", "MODELS", "ModelEntry", "PLAIN_FACTORIES", "ResNet",
+    "count_params", "create_model", "flops", "list_models", "model_info", "plain_factories",
 ]

@@ -3,8 +3,8 @@
     python -m attention_flax.models                      # every model
     python -m attention_flax.models --pattern='se*' --no_flops
 
-Nothing runs on real data: parameters come from ``jax.eval_shape`` and FLOPs from XLA's
-cost analysis of the compiled forward pass at the model's default resolution (batch 1).
+Nothing runs on real data: parameters come from ``jax.eval_shape`` and FLOPs from the
+compiler's cost analysis of the compiled forward pass at the model's default resolution (batch 1).
 Rows print as they are measured.
 """
 

@@ -180,8 +180,10 @@ class ResidualBlock(nn.Module):
     """act(ATTN(BN(y)) + shortcut(x)); y is the residual branch before its last BN."""
     attn = None
     if self.attn is not None:
-      attn = create_attention(self.attn, name="se", dtype=self.dtype,
-                              param_dtype=self.param_dtype, **dict(self.attn_kwargs or {}))
+      # attn_kwargs may override the dtypes (e.g. gates in float32 in a bfloat16 model).
+      kwargs = {"dtype": self.dtype, "param_dtype": self.param_dtype,
+                **dict(self.attn_kwargs or {})}
+      attn = create_attention(self.attn, name="se", **kwargs)
     last_scale = nn.initializers.zeros_init() if self.zero_init_last else nn.initializers.ones
     bn = norm(name=bn_name, scale_init=last_scale)
     short = shortcut(x, self.features * self.expansion, self.strides, self.down, conv, norm)

@@ -24,11 +24,9 @@ Array = jax.Array
 
 # The banded product multiplies (W_out, W_pad) x (W_pad, kh * C_in) per row, so it does
 # W_pad / kw times the work of the direct convolution. With one output channel, where
-# XLA:CPU's direct convolution is slowest, it pays off up to wide maps: forward + both
-# gradients of CBAM's 7x7 2 -> 1 convolution measured 7.3x faster than XLA's at 32
-# columns, 4.2x at 56, 3.0x at 112 and 1.8x at 224; a 3x3 one 4.9x at 32 and 1.2x at 256.
-# With 4 or 8 outputs XLA's convolution caught up (0.2-1.0x at 32-128 columns), so those
-# keep it. These limits come from CPU; on a GPU only CBAM's maps (7-56 columns) were timed.
+# XLA:CPU's direct convolution is slowest, it pays off up to wide maps; with more outputs
+# XLA's convolution catches up. The limits below are where the band stopped paying off on
+# CPU (docs/benchmarks.md, "CBAM's spatial convolution banded along the width").
 MAX_BANDED_TAPS = 32
 MAX_BANDED_OUTPUTS = 1
 MAX_BANDED_WIDTH = 256

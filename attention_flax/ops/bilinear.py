@@ -1,5 +1,5 @@
 """The bilinear sampler's taps and their gradient: the inner part of
-:func:`attention_flax.layers.transformer.grid_sample`.
+:func:`attention_flax.ops.grid_sample`.
 
 Each output point reads four taps (the pixels around its source position) with weights
 that sum to one. :func:`bilinear_index` turns pixel coordinates into the taps' indices
@@ -46,7 +46,7 @@ def take_rows(flat: Array, index: Array) -> Array:
   kw = dict(mode="promise_in_bounds", wrap_negative_indices=False)
   if flat.ndim == 2:
     if flat.shape[1] == 1:
-      # One channel: XLA:CPU's loop over a 1-D gather ran 2x faster than over rows of one.
+      # One channel: XLA:CPU loops over a 1-D gather faster than over rows of one value.
       return flat[:, 0].at[index].get(**kw)[:, None]
     return flat.at[index].get(**kw)
   return jnp.take_along_axis(flat, index[..., None], axis=1, mode="promise_in_bounds")
@@ -85,14 +85,13 @@ def weighted_taps(x: Array, index: TapIndex, weight: Taps, padded: bool) -> Arra
   weights, or (N, P, C) for four (N, P).
 
   Indices and weights are four separate arrays: XLA:CPU evaluates a stacked (4, ...)
-  array's concatenation element by element, and the weights' gradient, which then had to
-  come back stacked, took 0.9 ms of the one-channel sampler's 5.6 (64 x 60 x 60).
+  array's concatenation element by element, and the weights' gradient would then have to
+  come back stacked too (docs/benchmarks.md, "One and three channels on CPU").
   """
   flat, taps = tap_rows(x, index, padded)
   out = None
-  # One row gather per corner: each output pixel reads its four taps and nothing else. On
-  # CPU this ran 2-4x faster forward and backward than one gather of a stacked (N, 4 P)
-  # index, whose concatenation XLA fuses poorly.
+  # One row gather per corner: each output pixel reads its four taps and nothing else,
+  # where one gather of a stacked (N, 4 P) index needs a concatenation XLA fuses poorly.
   for tap, wt in zip(taps, weight):
     term = wt[..., None] * take_rows(flat, tap).astype(wt.dtype)
     out = term if out is None else out + term
@@ -105,7 +104,7 @@ def row_dots(rows: tuple[Array, ...], g: Array) -> tuple[Array, ...]:
 
   XLA:CPU fuses a variadic reduction with the gathers that produce ``rows`` and reads g
   once. Separate sums go to a reduction library that needs every (N, P, C) operand written
-  out first: 23 ms against 2 ms for four corners of (32, 1024, 64).
+  out first (docs/benchmarks.md, "grid_sample's gradient on CPU").
   """
   zero = jnp.zeros((), g.dtype)
   return tuple(jax.lax.reduce([r * g for r in rows], [zero] * len(rows),
@@ -142,7 +141,7 @@ def taps_vjp_cpu(x: Array, index: TapIndex, weight: Taps, g: Array,
     # tap, into a (..., 4 C) buffer, instead of four scatters (XLA:CPU's scatter costs per
     # index more than per value). Each pixel then sums the slot that each of its four
     # neighbours' anchors kept for it. The four weights are interleaved by selects, which
-    # XLA:CPU runs 1.8x faster than the concatenation that stacking them would be.
+    # XLA:CPU runs faster than the concatenation that stacking them would be.
     corner = jnp.arange(4)
     w4 = weight[3][..., None]
     for k in (2, 1, 0):
@@ -155,8 +154,8 @@ def taps_vjp_cpu(x: Array, index: TapIndex, weight: Taps, g: Array,
   else:
     # The four corners scatter into one buffer in turn (in place), not into four zero
     # buffers that are then summed. Three channels (RGB) scatter rows of four, the last
-    # zero: XLA:CPU scatters rows of three slowly, and the whole sampler ran 1.6-1.9x
-    # faster so. Widths 2, 5 and 6 padded to a multiple of four were slower at some sizes.
+    # zero: XLA:CPU scatters rows of three slowly. Other widths stay as they are
+    # (docs/benchmarks.md, "One and three channels on CPU").
     wide = 4 if c == 3 else c
     if wide != c:
       g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, wide - c)])

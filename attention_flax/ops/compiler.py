@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 
-# XLA:CPU's library fusions left to YNNPACK: dots and reductions. Its convolutions ran about
-# 2x slower than XLA's own; without its reductions batch-norm statistics became slow
-# reduce-windows.
+# XLA:CPU's library fusions left to YNNPACK: dots and reductions. Its convolutions are
+# slower than XLA's own; without its reductions batch-norm statistics become slow
+# reduce-windows (docs/benchmarks.md, "XLA's own convolution kernels on CPU").
 _YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 CPU_COMPILER_OPTIONS = {
     _YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}

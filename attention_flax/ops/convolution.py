@@ -26,11 +26,10 @@ Array = jax.Array
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Bytes of patch matrix per scan step: large enough for an efficient matrix product, small
-# enough to stay in a core's cache (measured best between 1 and 4 MiB on AVX-512 cores).
+# enough to stay in a core's cache (docs/benchmarks.md, "Facts moved from code comments").
 CHUNK_BYTES = 2 << 20
-# XLA's own kernel gradient is only slow for long contractions: below about 2048 output
-# pixels or 1e8 FLOPs it ran as fast as the patches here, and compiles in half the time
-# (0.1-0.3 s against 0.3-1 s per layer), so small layers keep it.
+# XLA's own kernel gradient is only slow for long contractions: small layers keep it,
+# which also compiles faster (docs/benchmarks.md, "Facts moved from code comments").
 MIN_PATCH_ROWS = 2048
 MIN_PATCH_FLOPS = 1e8
 
@@ -140,10 +139,10 @@ def _conv_bwd(strides, pads, precision, residuals, g):
   def pointwise_kernel_grad(x, k, g):
     return kernel_grad_1x1(x, g, strides, precision)
 
-  route = kernel_grad_route(g.shape, k.shape, pads)
-  if route == "xla":
+  how = kernel_grad_route(g.shape, k.shape, pads)
+  if how == "xla":
     return dx, xla_kernel_grad(x, k, g)
-  cpu_kernel_grad = pointwise_kernel_grad if route == "1x1" else patch_kernel_grad
+  cpu_kernel_grad = pointwise_kernel_grad if how == "1x1" else patch_kernel_grad
   dk = route("conv_kernel_grad", cpu_kernel_grad, xla_kernel_grad, x, k, g)
   return dx, dk
 

@@ -38,9 +38,9 @@ def grid_sample(x: Array, grid: Array, mode: str = "bilinear", padding_mode: str
   acc = accumulation_dtype(x.dtype, grid.dtype)
   g = grid.astype(acc).reshape(n, h_out * w_out, 2)
   # Computed once and read back on CPU (fusion.py): left to fusion, XLA:CPU evaluates
-  # this arithmetic again inside every index, weight and gradient expression below (1.4x
-  # the whole sampler's time with one channel). XLA:CPU drops optimization barriers before
-  # it fuses; other backends keep the one below, as measured on GPUs.
+  # this arithmetic again inside every index, weight and gradient expression below.
+  # XLA:CPU drops optimization barriers before it fuses; other backends keep the one
+  # below (docs/benchmarks.md, "One and three channels on CPU").
   ix = materialize(source_index(g[..., 0], w, padding_mode, align_corners))
   iy = materialize(source_index(g[..., 1], h, padding_mode, align_corners))
   ix, iy = jax.lax.optimization_barrier((ix, iy))
@@ -48,8 +48,9 @@ def grid_sample(x: Array, grid: Array, mode: str = "bilinear", padding_mode: str
   if mode == "nearest":
     index, valid = flat_index(jnp.round(ix), jnp.round(iy), h, w)
     if n * h * w < BATCH_INDEX_PIXELS:
-      # Indices into the whole batch, as the bilinear taps below: 1.3-2x faster forward
-      # and backward on CPU than per-image ones (docs/benchmarks.md).
+      # Indices into the whole batch, as the bilinear taps below: the gradient's scatter
+      # then needs no (image, pixel) pair per point (docs/benchmarks.md, "Nearest
+      # sampling on CPU").
       index = (index + (jnp.arange(n, dtype=jnp.int32) * (h * w))[:, None]).reshape(-1)
       flat = x.reshape(n * h * w, c)
       if c == 3:
@@ -82,9 +83,9 @@ def grid_sample(x: Array, grid: Array, mode: str = "bilinear", padding_mode: str
 
   if c == 1:
     # One channel, on CPU: each point's only index is its top-left tap in the zero-padded
-    # image, and the input gradient is one scatter (bilinear.taps_vjp_cpu); 2-2.5x faster
-    # there. With more channels the padded copies cost more than they save. Other
-    # backends keep the per-tap indices, measured on GPUs.
+    # image, and the input gradient is one scatter (bilinear.taps_vjp_cpu). With more
+    # channels the padded copies cost more than they save; other backends keep the
+    # per-tap indices (docs/benchmarks.md, "One and three channels on CPU").
     out = route("sampler_padded_taps", bilinear(True), bilinear(False), x, ix, iy)
   else:
     out = bilinear(False)(x, ix, iy)

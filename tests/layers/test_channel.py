@@ -270,23 +270,23 @@ def test_bad_inputs_get_clear_errors(name):
 @pytest.mark.parametrize("cls, kwargs", [(SqueezeExcite, {}), (EffectiveSE, {}),
                                          (ECA, {"kernel_size": 3})])
 def test_gate_from_a_given_mean_is_the_sown_gate(cls, kwargs):
-  # pooled=: the gate of mean_hw(x), returned instead of applied, as x's path sows it.
+  # gate_from_pooled: the gate of mean_hw(x), returned instead of applied, as x's path sows it.
   x = jax.random.normal(jax.random.key(0), (2, 5, 4, 32)) + jnp.linspace(-1.0, 1.0, 32)
   layer = cls(**kwargs)
-  assert cls.gates_from_mean
+  assert cls.pools == ("mean",)
   variables = layer.init(jax.random.key(0), x)
   y, state = layer.apply(variables, x, mutable=["intermediates"])
   sown = state["intermediates"]["channel_gate"][0]
-  gate, state2 = layer.apply(variables, None, pooled=jnp.mean(x, axis=(1, 2)),
-                             mutable=["intermediates"])
+  gate, state2 = layer.apply(variables, jnp.mean(x, axis=(1, 2)),
+                             method=cls.gate_from_pooled, mutable=["intermediates"])
   assert gate.shape == (2, 1, 1, 32)
   np.testing.assert_allclose(gate, sown, atol=1e-6, rtol=0)
   np.testing.assert_allclose(state2["intermediates"]["channel_gate"][0], sown, atol=1e-6)
   np.testing.assert_allclose(x * gate, y, atol=1e-6, rtol=0)
   assert float(jnp.std(gate)) > 1e-3  # the gates differ across channels and samples
-  with pytest.raises(ValueError, match="not both"):
-    layer.apply(variables, x, pooled=jnp.mean(x, axis=(1, 2)))
-  with pytest.raises(ValueError, match="pooled="):
-    layer.apply(variables, None)
+  # The pooled path creates the same parameters as the image path.
+  from_pooled = layer.init(jax.random.key(0), jnp.mean(x, axis=(1, 2)),
+                           method=cls.gate_from_pooled)
+  assert jax.tree.map(jnp.shape, from_pooled) == jax.tree.map(jnp.shape, variables)
   with pytest.raises(ValueError, match=r"\(N, C\)"):
-    layer.apply(variables, None, pooled=jnp.mean(x, axis=1))
+    layer.apply(variables, jnp.mean(x, axis=1), method=cls.gate_from_pooled)

@@ -82,24 +82,21 @@ def test_cbam_is_channel_gate_then_spatial_gate_with_its_own_params():
 
 
 def test_cbam_in_two_calls_equals_cbam_in_one():
-  # The folding protocol: pooled=(mean, max) returns the sown channel gate, and
-  # channel_gated=True applies the spatial gate only; together they are the layer.
+  # The folding protocol: gate_from_pooled(mean, max) returns the sown channel gate, and
+  # after_gate applies the spatial gate only; together they are the layer.
   x = _images((2, 5, 6, 32))
   layer = CBAM()
+  assert CBAM.pools == ("mean", "max")
   variables = _perturbed(layer.init(jax.random.PRNGKey(0), x))
   y, sown = _run(layer, variables, x)
   pools = (jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2)))
-  gate = layer.apply(variables, None, pooled=pools)
+  gate = layer.apply(variables, *pools, method=CBAM.gate_from_pooled)
   np.testing.assert_allclose(gate, sown["channel"]["channel_gate"][0], rtol=1e-6)
   assert gate.shape == (2, 1, 1, 32)
-  y2 = layer.apply(variables, x * gate, channel_gated=True)
+  y2 = layer.apply(variables, x * gate, method=CBAM.after_gate)
   np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="not both"):
-    layer.apply(variables, x, pooled=pools)
-  with pytest.raises(ValueError, match="not both"):
-    layer.apply(variables, None, pooled=pools, channel_gated=True)
-  with pytest.raises(ValueError, match=r"pooled=\(mean, max\)"):
-    layer.apply(variables, None, pooled=pools[:1])
+  with pytest.raises(ValueError, match=r"\(N, C\) spatial mean and max"):
+    layer.apply(variables, pools[0], pools[0][:, :3], method=CBAM.gate_from_pooled)
 
 
 def test_cbam_defaults_reproduce_timm_cbam_module():

@@ -1,4 +1,4 @@
-"""mean_and_max: CBAM's two pools in one pass, with jnp.mean's and jnp.max's derivatives."""
+"""attention_flax.ops.stats.mean_and_max: CBAM's two pools at once, jnp.mean's and jnp.max's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_flax.layers.common import mean_and_max
+from attention_flax.ops import backends
+from attention_flax.ops.stats import mean_and_max
 
 
 def _images(seed=0, shape=(2, 5, 6, 8)):
@@ -94,3 +95,28 @@ def test_nan_and_minus_infinity_follow_jnp():
   g_ref = jax.grad(lambda a: jnp.sum(jnp.max(a, axis=-1)[0, 0]))(x)
   np.testing.assert_array_equal(np.isnan(g_ours), np.isnan(g_ref))
   np.testing.assert_array_equal(np.nan_to_num(g_ours), np.nan_to_num(g_ref))
+
+
+def test_plain_reductions_where_fast_paths_says_so(monkeypatch):
+  # Backends not listed for "fused_reductions" take separate sums, maxima and tie counts:
+  # the same values and gradients, and no per-platform switch in the program.
+  x = _images(4)
+  w = jax.random.normal(jax.random.PRNGKey(5), (2, 8))
+
+  def value_and_grad(x):
+    def loss(x):
+      mean, top = mean_and_max(x, (1, 2))
+      return jnp.sum(w * mean) + jnp.sum(jnp.sin(w) * top)
+    return jax.value_and_grad(loss)(x)
+
+  assert "platform_index" in str(jax.make_jaxpr(lambda v: value_and_grad(v))(x))
+  fused = value_and_grad(x)
+  monkeypatch.setitem(backends.FAST_PATHS, "fused_reductions", ())
+  assert "platform_index" not in str(jax.make_jaxpr(lambda v: value_and_grad(v))(x))
+  plain = value_and_grad(x)
+  ref = jax.value_and_grad(lambda v: jnp.sum(w * jnp.mean(v, axis=(1, 2)))
+                           + jnp.sum(jnp.sin(w) * jnp.max(v, axis=(1, 2))))(x)
+  for ours in (fused, plain):
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(ref[1]).max()) > 0.1

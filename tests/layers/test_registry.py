@@ -27,6 +27,10 @@ CASES: dict[str, tuple[dict, tuple[int, int, int, int], set[str]]] = {
     "gc": ({}, (2, 5, 7, 16), {"context_weights"}),
     "coord": ({}, (2, 5, 7, 16), {"coord_gate_h", "coord_gate_w"}),
     "residual": ({"levels": 2}, (2, 11, 9, 16), {"residual_mask"}),
+    "ecam": ({}, (2, 5, 7, 16), {"channel_gate"}),
+    "ceca": ({}, (2, 5, 7, 16), {"channel_gate"}),
+    "lcbam": ({}, (2, 9, 7, 32), {"channel_gate", "spatial_mask"}),
+    "gca": ({}, (2, 5, 7, 16), {"context_weights"}),
     "stn": ({}, (2, 28, 28, 1), {"stn_theta", "stn_output"}),
 }
 
@@ -54,7 +58,8 @@ def test_every_layer_has_a_case():
 
 
 def test_registry_names_required_by_the_api():
-  required = {"se", "ese", "eca", "ge", "spatial", "cbam", "gc", "coord", "residual", "stn"}
+  required = {"se", "ese", "eca", "ge", "spatial", "cbam", "gc", "coord", "residual", "stn",
+              "ecam", "ceca", "lcbam", "gca"}
   assert required <= set(list_attentions())
   assert list_attentions() == sorted(list_attentions())
 
@@ -73,7 +78,8 @@ def test_create_attention_passes_kwargs_and_is_case_insensitive():
 
 
 def test_package_exports_the_layers():
-  for cls in ATTENTIONS.values():
+  for factory in ATTENTIONS.values():
+    cls = getattr(factory, "func", factory)  # a registered functools.partial of a class
     assert getattr(af, cls.__name__) is cls
 
 

@@ -15,9 +15,11 @@ from absl.testing import parameterized
 from flax import linen as nn
 from flax import traverse_util
 
+from attention_flax import ops
 from attention_flax.layers.channel import SqueezeExcite
-from attention_flax.models import count_params, create_model, list_models, model_info
 from attention_flax.layers.norm import TorchBatchNorm
+from attention_flax.models import count_params, create_model, list_models, model_info
+from attention_flax.models.common import plain_tail
 from attention_flax.models.resnet import (
     BasicBlock, Bottleneck, ResNet, avg_pool_2x2_ceil, cifar_resnet, max_pool_3x3_s2)
 
@@ -194,9 +196,10 @@ def test_stride2_conv_pads_like_pytorch():
   np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_max_pool_pads_with_minus_infinity():
+@pytest.mark.parametrize("pool", [ops.max_pool, nn.max_pool], ids=["ops", "flax"])
+def test_max_pool_pads_with_minus_infinity(pool):
   # Zero padding would make every border window's max 0 on an all-negative input.
-  y = max_pool_3x3_s2(-jnp.ones((1, 5, 5, 2)))
+  y = max_pool_3x3_s2(pool, -jnp.ones((1, 5, 5, 2)))
   assert y.shape == (1, 3, 3, 2)
   np.testing.assert_array_equal(y, -1.0)
 
@@ -443,13 +446,14 @@ def _block_step(block, x):
 @pytest.mark.parametrize("attn", ["se", "ese", "eca"])
 @pytest.mark.parametrize("block_cls, strides", [(Bottleneck, 2), (BasicBlock, 1)])
 def test_gate_folded_into_the_norm_equals_the_layers_in_turn(attn, block_cls, strides):
-  # fold_gate (the default) computes BN(y) * gate as y * (mul * gate) + add * gate with the
-  # squeeze taken from the norm's statistics pass: same loss, gradients, statistics, eval
-  # output and sown gate as BN, then the gate layer, one after the other.
+  # The default tail (ops.residual_tail / ops.bottleneck_tail) computes BN(y) * gate as
+  # y * (mul * gate) + add * gate with the squeeze taken from the norm's statistics pass:
+  # same loss, gradients, statistics, eval output and sown gate as plain_tail's BN, then
+  # the gate layer, one after the other.
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 16)) * 1.5 + 0.5
   runs = [_block_step(block_cls(features=16 // block_cls.expansion * 2, strides=strides,
-                                attn=attn, zero_init_last=False, fold_gate=fold), x)
-          for fold in (True, False)]
+                                attn=attn, zero_init_last=False, tail=tail), x)
+          for tail in (None, plain_tail)]
   folded, layered = runs
   assert float(folded[0]) != 0.0
   chex.assert_trees_all_close(folded[:4], layered[:4], atol=2e-5, rtol=2e-5)
@@ -467,8 +471,8 @@ def test_cbam_channel_gate_folded_into_the_norm_equals_the_layers_in_turn(
   # be the layered block's.
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 16)) * 1.5 + 0.5
   runs = [_block_step(block_cls(features=16 // block_cls.expansion * 2, strides=strides,
-                                attn="cbam", zero_init_last=zero_init_last, fold_gate=fold), x)
-          for fold in (True, False)]
+                                attn="cbam", zero_init_last=zero_init_last, tail=tail), x)
+          for tail in (None, plain_tail)]
   folded, layered = runs
   chex.assert_trees_all_close(folded[:4], layered[:4], atol=2e-5, rtol=2e-5)
   chex.assert_trees_all_close(folded[4], layered[4], atol=1e-5, rtol=1e-5)
@@ -481,25 +485,25 @@ def test_cbam_channel_gate_folded_into_the_norm_equals_the_layers_in_turn(
     assert float(jnp.std(gate)) > 1e-3
 
 
-def _jaxpr_text(attn, fold):
-  block = Bottleneck(features=8, attn=attn, fold_gate=fold)
+def _jaxpr_text(attn, tail):
+  block = Bottleneck(features=8, attn=attn, tail=tail)
   x = jnp.ones((2, 8, 8, 32))
   variables = block.init(KEY, x, train=True)
   return str(jax.make_jaxpr(
       lambda v: block.apply(v, x, train=True, mutable=["batch_stats"]))(variables))
 
 
-def test_cbam_folds_only_with_fold_gate():
+def test_cbam_folds_only_with_the_default_tail():
   # Only the folded block takes a minimum: the conv output's, for channels whose batch
   # norm scale is negative (the layered CBAM pools the maximum of the normalised map).
-  assert "reduce_min" in _jaxpr_text("cbam", True)
-  assert "reduce_min" not in _jaxpr_text("cbam", False)
+  assert "reduce_min" in _jaxpr_text("cbam", None)
+  assert "reduce_min" not in _jaxpr_text("cbam", plain_tail)
 
 
-def _full_size_ops(fold):
+def _full_size_ops(tail):
   """Equations of a Bottleneck training step (forward and backward) whose output has the
   block output's shape: the passes over the widest tensors."""
-  block = Bottleneck(features=8, attn="se", fold_gate=fold)
+  block = Bottleneck(features=8, attn="se", tail=tail)
   x = jnp.ones((2, 8, 8, 32))
   variables = jax.jit(functools.partial(block.init, train=True))(KEY, x)
 
@@ -516,14 +520,14 @@ def _full_size_ops(fold):
 def test_folding_the_gate_removes_passes_over_the_block_output():
   # Forward: no normalised map in float32 and in the compute dtype, no separate scaling;
   # backward likewise (25 against 30 equations when written).
-  folded, layered = _full_size_ops(True), _full_size_ops(False)
+  folded, layered = _full_size_ops(None), _full_size_ops(plain_tail)
   assert folded <= layered - 4, (folded, layered)
 
 
 def test_a_norm_that_cannot_fold_applies_the_gate_after_it():
-  # Flax's own BatchNorm has no fold=: the block normalises, then gates, whatever fold_gate
-  # says; the result is the layered block's with TorchBatchNorm's biased running variance
-  # aside (identical outputs in training mode).
+  # Flax's own BatchNorm has no fold(): the default tail normalises, then gates; the result
+  # is the layered block's with TorchBatchNorm's biased running variance aside (identical
+  # outputs in training mode).
   x = jax.random.normal(jax.random.key(2), (2, 6, 6, 16)) + 1.0
   outs = []
   for norm in (functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5),

@@ -1,5 +1,6 @@
 """Tests of configs/: every experiment builds and locks, full and smoke, names a registered
-model, passes the trainer's checks, and carries its paper's hyperparameters."""
+model, passes the trainer's checks (model_kwargs keys included), carries its paper's
+hyperparameters, and keeps run histories out of its docstring."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 import configs
 from attention_flax import models
+from train import state as state_lib
 from train import trainer
 
 CONFIG_DIR = os.path.dirname(configs.__file__)
@@ -54,6 +56,14 @@ def test_builds_locks_and_validates(name, arg):
   module = importlib.import_module(f"configs.{name}")
   run_line = f"--config=configs/{name}.py"
   assert run_line in module.__doc__ and f"{run_line}:smoke" in module.__doc__
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docstring_says_what_it_trains_not_how_runs_went(name):
+  # Measurements and run histories live in docs/pictures.md and docs/benchmarks.md.
+  doc = importlib.import_module(f"configs.{name}").__doc__
+  for word in ("Measured", "images/s", "Repeated", "attention_flax.conv", "min "):
+    assert word not in doc, f"configs/{name}.py docstring: {word!r}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,6 +141,7 @@ def test_picture_runs_are_the_default_recipe_with_another_model(name, model):
 def test_digits_cbam_passes_zero_init_last_to_the_model():
   c = load("digits_cbam")
   assert c.model_kwargs.to_dict() == {"zero_init_last": False}
+  assert "zero_init_last" in state_lib.model_fields(c.model)
   model = trainer.build_model(c, 10)
   assert model.zero_init_last is False
   assert trainer.build_model(load("default"), 10).zero_init_last is True

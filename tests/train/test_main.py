@@ -1,6 +1,7 @@
 """Tests of the command line (train/__main__.py) in subprocesses: config errors exit
-non-zero with a message naming the fix, and the CIFAR-10 smoke config trains end to end on
-tfds mock data and prints the final accuracy line."""
+non-zero with a message naming the fix, --config.model_kwargs.KEY=VALUE reaches the model
+(and an unknown KEY is one line listing the model's fields), and the CIFAR-10 smoke config
+trains end to end on tfds mock data and prints the final accuracy line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+
+from attention_flax import models
 from train import metrics as metrics_lib
+from train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,6 +73,61 @@ def test_unknown_optimizer_lists_the_choices(tmp_path):
   assert done.stderr.strip().splitlines()[-1] == (
       "error: ValueError: Unknown optimizer 'rmsprop'; choose one of: sgd, adamw "
       "(--config.optimizer=...).")
+
+
+def test_model_kwargs_values_parse_as_ml_collections_does():
+  # In a subprocess: importing train.__main__ defines absl flags process-wide.
+  code = "\n".join([
+      "from train.__main__ import parse_value, split_model_kwargs",
+      "for text in ['3', '-2.5', '1e-3', 'true', 'False', 'None', 'conv', '(8, 16)',",
+      "             '[4,8]', '\"7\"', 'a b']:",
+      "  print(repr(parse_value(text)))",
+      "print(split_model_kwargs(['prog', '--config=c.py', '--config.model_kwargs.down=avg',",
+      "                          '--config.batch_size=8', '--config.model_kwargs.zero_init_last']))",
+  ])
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert done.stdout.splitlines() == [
+      "3", "-2.5", "0.001", "True", "False", "None", "'conv'", "(8, 16)", "(4, 8)", "'7'",
+      "'a b'",
+      "(['prog', '--config=c.py', '--config.batch_size=8'], "
+      "{'down': 'avg', 'zero_init_last': True})"], done.stderr
+
+
+def test_unknown_model_kwargs_key_lists_the_fields(tmp_path):
+  done = cli("--config=configs/default.py:smoke", "--config.model_kwargs.dwon=conv",
+             f"--workdir={tmp_path}")
+  assert done.returncode != 0
+  fields = ", ".join(state_lib.model_fields("se_resnet20"))
+  assert done.stderr.strip().splitlines() == [
+      "error: Unknown model_kwargs key 'dwon' for model 'se_resnet20'. Did you mean "
+      f'"down"? Its keys are: {fields} (--config.model_kwargs.KEY=VALUE).']
+  assert "zero_init_last" in fields and "num_classes" not in fields
+  assert not os.listdir(tmp_path)
+
+
+def test_model_kwargs_reach_the_model(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("model_kwargs")
+  tiny = "test_resnet_cifar_tiny"
+  done = cli("--config=configs/default.py:smoke", f"--config.model={tiny}",
+             "--config.data.image_size=8", "--config.model_kwargs.down=conv",
+             "--config.model_kwargs.widths=(4,8,8)", "--config.model_kwargs.zero_init_last=false",
+             f"--workdir={workdir}", cache_dir=tmp_path_factory.getbasetemp() / "jax_cache")
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(workdir / "config.json") as f:
+    assert json.load(f)["model_kwargs"] == {"down": "conv", "widths": [4, 8, 8],
+                                            "zero_init_last": False}
+  with open(workdir / "results.json") as f:
+    trained = json.load(f)["num_params"]
+
+  def params(**kwargs):
+    model = models.create_model(tiny, num_classes=10, **kwargs)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 8, 8, 1)), train=False))
+    return models.count_params(shapes)
+
+  assert trained == params(down="conv", widths=(4, 8, 8), zero_init_last=False)
+  assert trained != params()
 
 
 def test_format_results_lines():

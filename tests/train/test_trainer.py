@@ -1,9 +1,14 @@
-"""Tests of train/trainer.py: loss, weight-decay mask, optimiser and schedule numbers,
-eval sums, config errors, one end-to-end run on the embedded digits (compiled once per
-model), the non-finite stop, and 2 devices == 1 device (subprocesses)."""
+"""Tests of train/trainer.py and the modules it is built from (train/steps.py, optim.py,
+state.py): loss, weight-decay mask, optimiser numbers, every config's learning rate at its
+warm-up and decay boundaries, eval sums, config and model_kwargs errors, one end-to-end run
+on the embedded digits (compiled once per model), the non-finite stop, 2 devices == 1
+device (subprocesses), and an import graph without trainer -> visualize."""
 
 from __future__ import annotations
 
+import ast
+import glob
+import importlib
 import json
 import math
 import os
@@ -13,6 +18,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -20,6 +26,8 @@ import pytest
 from configs import default as default_config
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
+from train import optim
+from train import state as state_lib
 from train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,7 +84,7 @@ def test_weight_decay_mask_excludes_biases_and_norm_params():
   model = models.create_model("test_resnet_tiny_se", num_classes=10)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 32, 32, 3)), train=False))
-  mask = trainer.decay_mask(variables["params"])
+  mask = optim.decay_mask(variables["params"])
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   names = {path[-1].key: [] for path, _ in flat}
   for path, decays in flat:
@@ -93,7 +101,7 @@ def test_weight_decay_mask_excludes_biases_and_norm_params():
 def _two_updates(config, steps=2):
   params = {"w": jnp.ones((1, 1)), "b": jnp.ones((1,))}
   grads = {"w": jnp.full((1, 1), 0.5), "b": jnp.full((1,), 0.5)}
-  tx = trainer.make_optimizer(config, trainer.make_schedule(config, 1))
+  tx = optim.make_optimizer(config, optim.make_schedule(config, 1))
   opt_state = tx.init(params)
   for _ in range(steps):
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -130,7 +138,7 @@ def test_gradient_clipping_by_global_norm():
 
 
 def _lrs(config, steps_per_epoch, steps):
-  schedule = trainer.make_schedule(config, steps_per_epoch)
+  schedule = optim.make_schedule(config, steps_per_epoch)
   return [float(schedule(s)) for s in steps]
 
 
@@ -153,6 +161,103 @@ def test_warmup_cosine_endpoints():
   np.testing.assert_allclose(lrs, [0.0, 0.2, 0.4, 0.2, 0.0, 0.0], atol=1e-7)
   assert _lrs(tiny_config(schedule="constant", learning_rate=0.3), 1, [0, 5]) == \
       pytest.approx([0.3, 0.3])
+
+
+def _cosine(peak, warmup, total, step):
+  """By hand: linear 0 -> peak over the warm-up, then peak/2 (1 + cos(pi t / T)) to 0."""
+  if step < warmup:
+    return peak * step / warmup
+  progress = min(step - warmup, total - warmup) / (total - warmup)
+  return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# Every config's schedule at the steps where it changes: step 0, the warm-up boundary
+# (last warm-up step, the peak, the one after), the decay boundaries (last step before,
+# first at the decayed rate) and the end. Steps per epoch as the trainer computes them
+# (training examples // batch size); the learning rates worked out by hand.
+_DIGITS = 1437 // 64  # 22: warm-up of 1 epoch; cosine to the last step
+_STN = 11496 // 64  # 179: warm-up round(0.2 * 179) = 36 steps; 716 steps
+CONFIG_SCHEDULES = {
+    "default": (_DIGITS, {
+        0: 0.0, 1: 0.1 / 22, 11: 0.05, 21: 0.1 * 21 / 22, 22: 0.1,
+        23: _cosine(0.1, 22, 440, 23), 231: 0.05, 439: _cosine(0.1, 22, 440, 439),
+        440: 0.0, 500: 0.0}),
+    "digits_cbam": (_DIGITS, {
+        0: 0.0, 21: 0.1 * 21 / 22, 22: 0.1, 99: 0.05, 175: _cosine(0.1, 22, 176, 175),
+        176: 0.0}),
+    "digits_attention": (_DIGITS, {
+        0: 0.0, 21: 0.1 * 21 / 22, 22: 0.1, 121: 0.05, 220: 0.0}),
+    "digits_stn": (_STN, {
+        0: 0.0, 18: 0.01, 35: 0.02 * 35 / 36, 36: 0.02, 37: _cosine(0.02, 36, 716, 37),
+        376: 0.01, 715: _cosine(0.02, 36, 716, 715), 716: 0.0}),
+    # He et al. sec. 4.2: 0.1, /10 at 32k and 48k.
+    "cifar10_resnet20": (50_000 // 128, {
+        0: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01, 48_000: 0.001, 63_999: 0.001}),
+    # The same after one epoch (390 steps) of linear warm-up.
+    "cifar10_se_resnet110": (50_000 // 128, {
+        0: 0.0, 1: 0.1 / 390, 195: 0.05, 389: 0.1 * 389 / 390, 390: 0.1, 391: 0.1,
+        31_999: 0.1, 32_000: 0.01, 47_999: 0.01, 48_000: 0.001, 63_999: 0.001}),
+    "cifar10_attention92": (50_000 // 64, {
+        0: 0.1, 63_999: 0.1, 64_000: 0.01, 95_999: 0.01, 96_000: 0.001, 159_999: 0.001}),
+    # Epochs 30 and 60 of 5,004 steps (1,281,167 // 256).
+    "imagenet_resnet50": (1_281_167 // 256, {
+        0: 0.1, 150_119: 0.1, 150_120: 0.01, 300_239: 0.01, 300_240: 0.001,
+        450_359: 0.001}),
+    "imagenet_cbam_resnet50": (1_281_167 // 256, {
+        0: 0.1, 150_119: 0.1, 150_120: 0.01, 300_240: 0.001}),
+    # 0.6 /10 every 30 epochs of 1,251 steps (1,281,167 // 1024).
+    "imagenet_seresnet50": (1_281_167 // 1024, {
+        0: 0.6, 37_529: 0.6, 37_530: 0.06, 75_059: 0.06, 75_060: 0.006, 112_589: 0.006,
+        112_590: 0.0006, 125_099: 0.0006}),
+}
+
+
+def test_every_config_has_its_schedule_checked():
+  names = {os.path.splitext(os.path.basename(p))[0]
+           for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))} - {"__init__"}
+  assert names == set(CONFIG_SCHEDULES)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_SCHEDULES))
+def test_config_schedules_by_hand(name):
+  steps_per_epoch, want = CONFIG_SCHEDULES[name]
+  config = importlib.import_module(f"configs.{name}").get_config()
+  schedule = optim.make_schedule(config, steps_per_epoch)
+  steps = sorted(want)
+  # float32 arithmetic: within two roundings of the peak rate of the by-hand values.
+  peak = float(config.learning_rate)
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], [want[s] for s in steps],
+                             rtol=1e-6, atol=1e-7 * peak)
+  # Jitted on the int32 step count the state carries: the same numbers.
+  jitted = jax.jit(jax.vmap(schedule))(jnp.asarray(steps, jnp.int32))
+  np.testing.assert_allclose(jitted, [want[s] for s in steps], rtol=1e-6, atol=1e-7 * peak)
+
+
+def test_step_decay_after_warmup_and_repeated_boundaries():
+  # Warm-up over 4 steps, then 0.2 /10 at 6 and, mentioned twice, /100 at 8.
+  config = tiny_config(schedule="step", learning_rate=0.2, warmup_epochs=2.0,
+                       decay_steps=(6, 8, 8), num_train_steps=10)
+  np.testing.assert_allclose(_lrs(config, 2, range(11)),
+                             [0.0, 0.05, 0.1, 0.15, 0.2, 0.2, 0.02, 0.02, 2e-4, 2e-4, 2e-4],
+                             rtol=1e-6, atol=1e-8)
+  # A boundary at the end of warm-up decays at once; one inside it is refused.
+  config = tiny_config(schedule="step", learning_rate=0.2, warmup_epochs=2.0,
+                       decay_steps=(4,))
+  np.testing.assert_allclose(_lrs(config, 2, [3, 4]), [0.15, 0.02], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"decay boundaries \[3\] fall inside the 4 warm-up"):
+    optim.make_schedule(tiny_config(schedule="step", warmup_epochs=2.0, decay_steps=(3,)), 2)
+
+
+def test_cosine_without_warmup_and_warmup_past_the_end():
+  config = tiny_config(schedule="cosine", learning_rate=0.4, num_train_steps=8)
+  np.testing.assert_allclose(_lrs(config, 1, [0, 2, 4, 8, 9]),
+                             [0.4, 0.2 * (1 + math.cos(math.pi / 4)), 0.2, 0.0, 0.0],
+                             rtol=1e-6, atol=1e-8)
+  # Warm-up longer than the run: linear all the way (the decay would start after it).
+  config = tiny_config(schedule="cosine", learning_rate=0.4, warmup_epochs=10.0,
+                       num_train_steps=5)
+  np.testing.assert_allclose(_lrs(config, 1, [0, 4, 9, 10, 11]), [0.0, 0.16, 0.36, 0.4, 0.0],
+                             rtol=1e-6, atol=1e-8)
 
 
 # ------------------------------------------------------------------------ eval step
@@ -190,6 +295,35 @@ def test_validate_config_names_the_fix(key, value, message):
   config[key] = value
   with pytest.raises(ValueError, match=message):
     trainer.validate_config(config)
+
+
+def test_model_kwargs_are_checked_against_the_model_fields():
+  fields = state_lib.model_fields(TINY)
+  # The dataclass fields of the ResNet that the registry builds, less those the trainer
+  # or Flax set.
+  assert {"down", "widths", "zero_init_last", "attn", "dtype"} <= set(fields)
+  assert not {"num_classes", "name", "parent"} & set(fields)
+  assert list(fields) == sorted(fields)
+  config = tiny_config()
+  config.model_kwargs = ml_collections.ConfigDict({"dwon": "conv"})
+  with pytest.raises(ValueError) as err:
+    trainer.validate_config(config)
+  assert str(err.value) == (
+      f"Unknown model_kwargs key 'dwon' for model '{TINY}'. Did you mean \"down\"? Its keys "
+      f"are: {', '.join(fields)} (--config.model_kwargs.KEY=VALUE).")
+  # A field is accepted and reaches the model: down="pad" (option A) has no projection
+  # parameters, "conv" (option B) a 1x1 convolution + batch norm at each widening.
+  counts = {}
+  for down in ("pad", "conv"):
+    config.model_kwargs = ml_collections.ConfigDict({"down": down})
+    trainer.validate_config(config)
+    model = trainer.build_model(config, 10)
+    assert model.down == down
+    variables = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 8, 8, 1)), train=False))
+    counts[down] = sum(x.size for x in jax.tree.leaves(variables["params"]))
+  # Widths 4 -> 8 -> 16: 1x1 kernels 4*8 + 8*16 and BN scale + bias 2 * (8 + 16).
+  assert counts["conv"] - counts["pad"] == 4 * 8 + 8 * 16 + 2 * (8 + 16)
 
 
 def test_batch_must_divide_over_devices(monkeypatch):
@@ -311,7 +445,7 @@ def test_metrics_lines(digits_run):
   # Logged every 2 steps and before the checkpoint + eval at step 3.
   assert [r["step"] for r in train] == [2, 3, 4, 6]
   assert [r["step"] for r in evals] == [3, 6]
-  schedule = trainer.make_schedule(config, 1437 // config.batch_size)
+  schedule = optim.make_schedule(config, 1437 // config.batch_size)
   for r in train:  # The last step of each line (step s used schedule(s - 1)).
     np.testing.assert_allclose(r["learning_rate"], float(schedule(r["step"] - 1)), rtol=1e-6)
     assert math.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0
@@ -328,6 +462,19 @@ def test_config_checkpoints_and_plot(digits_run):
     png = f.read()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   assert os.path.exists(os.path.join(workdir, "baseline", "results.json"))
+  # The picture of each evaluation, drawn by the trainer through train.overlay.
+  assert sorted(os.listdir(os.path.join(workdir, "attention"))) == ["step_3.png", "step_6.png"]
+
+
+@pytest.mark.parametrize("step, want", [(1, (False, False)), (3, (True, False)),
+                                        (4, (False, False)), (6, (True, True)),
+                                        (12, (False, False))])
+def test_due_saves_and_evaluates_on_their_steps_before_the_last(step, want):
+  # Every 3rd step saves, every 6th evaluates; the last step's are finish()'s.
+  config = tiny_config(checkpoint_every_steps=3, eval_every_steps=6)
+  assert trainer.due(config, step, 12) == want
+  # eval_every_steps=0: evaluations only at the end.
+  assert trainer.due(tiny_config(eval_every_steps=0), step, 12) == (want[0], False)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -397,21 +544,24 @@ def test_two_devices_match_one(tmp_path_factory):
   np.testing.assert_allclose(np.array(losses[2, True]), one, rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_steps_compile_with_the_conv_options(monkeypatch):
-  # compile_steps hands attention_flax.conv's CPU options to jax.jit (here a value XLA
-  # rejects, to see that they arrive); {} compiles with XLA's defaults.
+def test_cpu_steps_compile_with_the_ops_compiler_options(monkeypatch):
+  # compile_steps hands attention_flax.ops.compiler_options("cpu") to jax.jit (here a
+  # value XLA rejects, to see that they arrive); {} compiles with XLA's defaults.
   config = tiny_config()
   model = trainer.build_model(config, 10)
   state = trainer.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
   batch = {"image": np.zeros((16, 8, 8, 1), np.float32), "label": np.zeros(16, np.int32)}
   mesh = trainer.make_mesh()
   bogus = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NONE"}
-  monkeypatch.setattr(trainer.conv, "cpu_compiler_options", lambda: dict(bogus))
+  asked = []
+  monkeypatch.setattr(trainer.ops, "compiler_options",
+                      lambda backend=None: asked.append(backend) or dict(bogus))
   train_fn, eval_fn = trainer.compile_steps(mesh)
   with pytest.raises(jax.errors.JaxRuntimeError, match="ynn_fusion_type"):
     train_fn.lower(state, batch, jax.random.PRNGKey(1)).compile()
   with pytest.raises(jax.errors.JaxRuntimeError, match="ynn_fusion_type"):
     eval_fn.lower(state, batch).compile()
+  assert asked == ["cpu"]  # the mesh's platform
   monkeypatch.undo()
   # The real options and XLA's defaults take the same step, up to float rounding.
   rng = np.random.default_rng(0)
@@ -420,7 +570,53 @@ def test_cpu_steps_compile_with_the_conv_options(monkeypatch):
   # Each step gets its own copy of the state, which it donates.
   steps = [trainer.compile_steps(mesh, options)[0](jax.tree.map(jnp.copy, state), batch,
                                                    jax.random.PRNGKey(1))
-           for options in (trainer.conv.cpu_compiler_options(), {})]
+           for options in (trainer.ops.compiler_options("cpu"), {})]
   assert np.isfinite(float(steps[1][1]["loss"]))
   np.testing.assert_allclose(steps[0][1]["loss"], steps[1][1]["loss"], rtol=1e-5)
   chex.assert_trees_all_close(steps[0][0].params, steps[1][0].params, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------- import graph
+
+
+def _train_imports(path):
+  """The train.* modules ``path`` imports, at the top or inside functions."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names if a.name.startswith("train.")}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == "train":
+        found |= {f"train.{a.name}" for a in node.names}
+      elif node.module.startswith("train."):
+        found.add(node.module)
+  return found
+
+
+def _reachable(graph, start):
+  seen, todo = set(), [start]
+  while todo:
+    for name in graph.get(todo.pop(), ()):
+      if name not in seen:
+        seen.add(name)
+        todo.append(name)
+  return seen
+
+
+def test_trainer_never_imports_visualize():
+  graph = {f"train.{os.path.splitext(os.path.basename(p))[0]}": _train_imports(p)
+           for p in glob.glob(os.path.join(ROOT, "train", "*.py"))}
+  assert "train.visualize" not in _reachable(graph, "train.trainer")
+  # visualize builds on the trainer's side (the model from a config, the eval overlay)...
+  assert {"train.state", "train.overlay"} <= graph["train.visualize"]
+  # ...and nothing the trainer or visualize reaches imports in a circle.
+  for name in ("train.trainer", "train.visualize", "train.__main__"):
+    for module in _reachable(graph, name) | {name}:
+      assert module not in _reachable(graph, module), f"{module} imports itself"
+  # The same at run time, in a fresh interpreter.
+  code = ("import json, sys, train.trainer, train.overlay; "
+          "print(json.dumps(sorted(m for m in sys.modules if m.startswith('train.'))))")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  loaded = json.loads(done.stdout.strip().splitlines()[-1])
+  assert "train.trainer" in loaded and "train.visualize" not in loaded, done.stderr[-2000:]

@@ -199,3 +199,56 @@ def test_eval_overlay_of_residual_masks_shows_their_most_varied_channels(tmp_pat
   assert list(drawn) == list(expected)
   for key, value in expected.items():
     np.testing.assert_allclose(drawn[key], value, atol=1e-6)
+
+
+def test_write_maps_draws_a_users_kinds_by_their_shape(tmp_path, monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  class UserMaps(nn.Module):
+    """Kinds outside the library's vocabulary: a mask, a per-channel mask, a gate."""
+    maps = {"saliency": "user/saliency", "mixed": "mixed", "scale": "scale"}
+
+    @nn.compact
+    def __call__(self, x):
+      s = jax.nn.sigmoid(x * self.param("one", nn.initializers.ones, (1,)))
+      self.sow("intermediates", "saliency", jnp.mean(s, -1, keepdims=True))
+      self.sow("intermediates", "mixed", s)
+      self.sow("intermediates", "scale", jnp.mean(s, (1, 2), keepdims=True))
+      return jnp.mean(x, (1, 2))
+
+  model = UserMaps()
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 3))
+  variables = {"params": model.init(jax.random.PRNGKey(1), x)["params"]}
+  overlays, gates = [], {}
+  draw_overlays, draw_gates = plot.plot_overlays, plot.plot_channel_gates
+
+  def spy_overlays(images, views, **kwargs):
+    overlays.append({k: np.asarray(v) for k, v in views.items()})
+    return draw_overlays(images, views, **kwargs)
+
+  def spy_gates(g, *args, **kwargs):
+    gates.update({k: np.asarray(v) for k, v in g.items()})
+    return draw_gates(g, *args, **kwargs)
+
+  monkeypatch.setattr(plot, "plot_overlays", spy_overlays)
+  monkeypatch.setattr(plot, "plot_channel_gates", spy_gates)
+  written = visualize.write_maps(model, variables, x, str(tmp_path))
+  # No stage is sown, so no Grad-CAM; the kind's '/' does not make a folder. The kinds
+  # come in the order of their paths (the jitted maps are a dict, sorted by jax).
+  assert [os.path.basename(p) for p in written] == [
+      "channel_gates.png", "mixed.png", "mixed_channels.png", "user_saliency.png"]
+  for p in written:
+    _decodes(p)
+  s = np.asarray(jax.nn.sigmoid(x))
+  assert list(gates) == ["scale"]
+  np.testing.assert_allclose(gates["scale"], s.mean((1, 2), keepdims=True), rtol=1e-6)
+  mixed, channels, saliency = overlays
+  np.testing.assert_allclose(saliency["saliency"], s.mean(-1), rtol=1e-6)
+  np.testing.assert_allclose(mixed["mixed"], s.mean(-1), rtol=1e-6)
+  # The 3 channels, most varied first.
+  order = np.argsort(-s.std(axis=(1, 2)).mean(0), kind="stable")[:3]
+  assert list(channels) == [f"mixed[{c}]" for c in order]
+  for c in order:
+    np.testing.assert_allclose(channels[f"mixed[{c}]"], s[..., c], rtol=1e-6)

@@ -1,5 +1,4 @@
-"""attention_flax.conv.banded_conv_general_dilated: a few-channel convolution as a banded
-matrix product, equal in value and in every derivative to lax.conv_general_dilated."""
+"""attention_flax.ops.banded: few-channel convolutions as a banded product, equal to lax's."""
 
 from __future__ import annotations
 
@@ -10,11 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax import lax
 
-from attention_flax import conv
+from attention_flax import ops
 from attention_flax.layers.hybrid import CBAM
 from attention_flax.layers.spatial import SpatialAttention
+from attention_flax.ops import backends
+from attention_flax.ops.banded import (band_matrix, banded_conv, banded_conv_general_dilated,
+                                       uses_band)
 from tests.conv_helpers import NHWC, conv_loss, random_pair
 
 _loss, _random = conv_loss, random_pair
@@ -36,8 +39,8 @@ def _primitives(fn, *args):
 ])
 def test_value_and_gradients_equal_lax(x_shape, k_shape, padding):
   x, k = _random(x_shape, k_shape)
-  assert conv.uses_band(x_shape, k_shape)
-  ours = functools.partial(_loss, conv.banded_conv_general_dilated, strides=(1, 1),
+  assert uses_band(x_shape, k_shape)
+  ours = functools.partial(_loss, banded_conv_general_dilated, strides=(1, 1),
                            padding=padding)
   theirs = functools.partial(_loss, lax.conv_general_dilated, strides=(1, 1),
                              padding=padding)
@@ -61,8 +64,8 @@ def test_several_output_channels_equal_lax(x_shape, k_shape, pads):
   # The dispatch keeps XLA's convolution for them (slower banded), but the product is
   # exact for any number of outputs.
   x, k = _random(x_shape, k_shape)
-  assert not conv.uses_band(x_shape, k_shape)
-  ours = lambda x, k: jnp.sum(jnp.sin(conv.banded_conv(x, k, pads)))
+  assert not uses_band(x_shape, k_shape)
+  ours = lambda x, k: jnp.sum(jnp.sin(banded_conv(x, k, pads)))
   theirs = lambda x, k: jnp.sum(jnp.sin(lax.conv_general_dilated(x, k, (1, 1), pads,
                                                                  dimension_numbers=NHWC)))
   chex.assert_trees_all_close(jax.value_and_grad(ours, argnums=(0, 1))(x, k),
@@ -74,11 +77,11 @@ def test_band_matrix_by_hand():
   # One kernel row (1, 2, 3) slid along a 4-column padded row to 2 outputs: column x of
   # T holds the kernel from row z = x on.
   kernel = jnp.asarray([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)
-  t = np.asarray(conv.band_matrix(kernel, 2))[0, :, 0, :, 0]
+  t = np.asarray(band_matrix(kernel, 2))[0, :, 0, :, 0]
   np.testing.assert_array_equal(t, [[1, 0], [2, 1], [3, 2], [0, 3]])
   # Kernel rows stay apart (T's first axis), input and output channels in place.
   kernel = jnp.arange(2 * 2 * 3 * 2, dtype=jnp.float32).reshape(2, 2, 3, 2)
-  t = np.asarray(conv.band_matrix(kernel, 3))
+  t = np.asarray(band_matrix(kernel, 3))
   assert t.shape == (2, 4, 3, 3, 2)
   for dy, z, c, x, o in np.ndindex(t.shape):
     want = kernel[dy, z - x, c, o] if 0 <= z - x < 2 else 0.0
@@ -90,13 +93,13 @@ def test_forward_mode_and_second_order_equal_lax():
   pads = ((3, 3), (3, 3))
   f = lambda c: functools.partial(_loss, c, strides=(1, 1), padding=pads)
   tx, tk = _random(x.shape, k.shape, seed=1)
-  ours = jax.jvp(f(conv.banded_conv_general_dilated), (x, k), (tx, tk))
+  ours = jax.jvp(f(banded_conv_general_dilated), (x, k), (tx, tk))
   theirs = jax.jvp(f(lax.conv_general_dilated), (x, k), (tx, tk))
   chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-5)
   gg = lambda c: jax.grad(lambda k: jnp.sum(jax.grad(f(c), argnums=0)(x, k) ** 2))(k)
   want = np.asarray(gg(lax.conv_general_dilated))  # entries up to about 300
   # Both float32 results are 5e-4 from the float64 value; in float64 they agree to 1e-12.
-  np.testing.assert_allclose(gg(conv.banded_conv_general_dilated), want, rtol=1e-4,
+  np.testing.assert_allclose(gg(banded_conv_general_dilated), want, rtol=1e-4,
                              atol=1e-5 * np.abs(want).max())
 
 
@@ -114,7 +117,7 @@ def test_forward_mode_and_second_order_equal_lax():
 ])
 def test_other_convolutions_pass_through_to_lax(x_shape, k_shape, strides, padding, kw):
   x, k = _random(x_shape, k_shape)
-  ours = functools.partial(_loss, conv.banded_conv_general_dilated, strides=strides,
+  ours = functools.partial(_loss, banded_conv_general_dilated, strides=strides,
                            padding=padding, **dict(kw))
   theirs = functools.partial(_loss, lax.conv_general_dilated, strides=strides,
                              padding=padding, **dict(kw))
@@ -126,8 +129,8 @@ def test_other_convolutions_pass_through_to_lax(x_shape, k_shape, strides, paddi
 def test_bfloat16_keeps_its_dtype_and_is_close_to_float32():
   x, k = _random((2, 9, 9, 2), (7, 7, 2, 1))
   pads = ((3, 3), (3, 3))
-  f32 = conv.banded_conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=NHWC)
-  b16 = conv.banded_conv_general_dilated(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+  f32 = banded_conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=NHWC)
+  b16 = banded_conv_general_dilated(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                                          (1, 1), pads, dimension_numbers=NHWC)
   assert b16.dtype == jnp.bfloat16
   err = np.abs(np.asarray(b16, np.float32) - np.asarray(f32)).max()
@@ -157,10 +160,11 @@ def _lowered_ops(fn, platform, *args):
 @pytest.mark.parametrize("platform, banded", [
     ("cpu", True), ("cuda", True), ("rocm", False), ("tpu", False)])
 def test_band_is_lowered_for_cpu_and_cuda_only(platform, banded):
+  assert backends.FAST_PATHS["banded_conv"] == ("cpu", "cuda")
   # On an H200 the product made CBAM-ResNet-50's bf16 steps 1.05x faster than cuDNN's
   # convolution; ROCm and TPU are unmeasured and keep XLA's.
   x, k = _random((2, 8, 8, 2), (7, 7, 2, 1))
-  loss = functools.partial(_loss, conv.banded_conv_general_dilated, strides=(1, 1),
+  loss = functools.partial(_loss, banded_conv_general_dilated, strides=(1, 1),
                            padding=((3, 3), (3, 3)))
   text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), platform, x, k)
   assert ("stablehlo.convolution" in text) != banded
@@ -177,15 +181,21 @@ def test_cbam_spatial_gate_on_cuda_has_no_convolution():
   assert "stablehlo.dot_general" in text
 
 
-@pytest.mark.parametrize("platforms, platform, banded", [
-    (None, "tpu", True), (None, "cpu", True), ((), "cpu", False), (("tpu",), "tpu", True),
-    (("tpu",), "cpu", False)])
-def test_platforms_argument_chooses_the_backends(platforms, platform, banded):
+@pytest.mark.parametrize("fast_paths, platform, banded", [
+    # None: everywhere=True, the band on every backend without consulting the table.
+    (None, "tpu", True), (None, "cpu", True),
+    # Otherwise the table's entry for the path, patched: () never bands.
+    ((), "cpu", False), (("tpu",), "tpu", True), (("tpu",), "cpu", False)])
+def test_fast_paths_and_everywhere_choose_the_backends(monkeypatch, fast_paths, platform,
+                                                       banded):
   x, k = _random((2, 8, 8, 2), (7, 7, 2, 1))
-  loss = functools.partial(_loss, functools.partial(conv.banded_conv_general_dilated,
-                                                    platforms=platforms),
-                           strides=(1, 1), padding=((3, 3), (3, 3)))
-  assert ("platform_index" in _primitives(loss, x, k)) == bool(platforms)
+  if fast_paths is None:
+    conv_fn = functools.partial(banded_conv_general_dilated, everywhere=True)
+  else:
+    monkeypatch.setitem(backends.FAST_PATHS, "banded_conv", fast_paths)
+    conv_fn = banded_conv_general_dilated
+  loss = functools.partial(_loss, conv_fn, strides=(1, 1), padding=((3, 3), (3, 3)))
+  assert ("platform_index" in _primitives(loss, x, k)) == bool(fast_paths)
   text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), platform, x, k)
   assert ("stablehlo.convolution" in text) != banded
   want = jax.grad(functools.partial(_loss, lax.conv_general_dilated, strides=(1, 1),
@@ -195,14 +205,24 @@ def test_platforms_argument_chooses_the_backends(platforms, platform, banded):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=4e-6 * float(np.abs(w).max()))
 
 
+# The spatial gate's ``conv`` factories: the default (banded where FAST_PATHS says), the band
+# on every backend, and Flax's own convolution.
+CONVS = {
+    "default": ops.spatial_conv,
+    "band": functools.partial(nn.Conv, conv_general_dilated=functools.partial(
+        banded_conv_general_dilated, everywhere=True)),
+    "xla": nn.Conv,
+}
+
+
 @pytest.mark.parametrize("layer", ["spatial", "cbam"])
 @pytest.mark.parametrize("impl, platform, banded", [
-    ("auto", "cuda", True), ("auto", "tpu", False), ("band", "tpu", True),
+    ("default", "cuda", True), ("default", "tpu", False), ("band", "tpu", True),
     ("xla", "cpu", False), ("xla", "cuda", False)])
-def test_conv_impl_of_the_spatial_gate(layer, impl, platform, banded):
+def test_conv_factory_of_the_spatial_gate(layer, impl, platform, banded):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
   make = SpatialAttention if layer == "spatial" else CBAM
-  module = make(conv_impl=impl)
+  module = make(conv=CONVS[impl])
   variables = module.init(jax.random.key(1), x)
   loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
   text = _lowered_ops(jax.grad(loss, argnums=(0, 1)), platform, variables, x)
@@ -212,10 +232,3 @@ def test_conv_impl_of_the_spatial_gate(layer, impl, platform, banded):
   chex.assert_trees_all_close(jax.grad(loss, argnums=(0, 1))(variables, x),
                               jax.grad(lambda v, x: jnp.sum(jnp.sin(reference.apply(v, x))),
                                        argnums=(0, 1))(variables, x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("make", [SpatialAttention, CBAM])
-def test_unknown_conv_impl_names_the_choices(make):
-  x = jnp.zeros((1, 8, 8, 16))
-  with pytest.raises(ValueError, match=r"conv_impl must be one of \['auto', 'band', 'xla'\]"):
-    make(conv_impl="cudnn").init(jax.random.key(0), x)

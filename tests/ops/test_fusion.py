@@ -1,5 +1,4 @@
-"""attention_flax.fusion.materialize: the identity, which XLA:CPU computes once instead of
-copying it into every consumer (so residual chains are not recomputed block after block)."""
+"""attention_flax.ops.fusion.materialize: the identity, computed once on CPU, and its uses."""
 
 from __future__ import annotations
 
@@ -12,10 +11,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from attention_flax import conv
-from attention_flax.fusion import materialize
-from attention_flax.layers import hybrid
+from attention_flax import ops
 from attention_flax.models import resnet
+from attention_flax.ops import tail
+from attention_flax.ops.fusion import materialize
 
 SPECIALS = [[0.0, -0.0, 1.5, -2.25, 1.0], [np.inf, -np.inf, np.nan, 6.0e4, -3.0e-3]]
 
@@ -54,7 +53,7 @@ def test_rejects_integers_and_passes_empty_arrays():
 
 def _widest_fusion(fn, *args):
   """The most operands of any fusion in fn's compiled CPU program."""
-  compiled = jax.jit(fn, compiler_options=conv.cpu_compiler_options()).lower(*args).compile()
+  compiled = jax.jit(fn, compiler_options=ops.cpu_compiler_options()).lower(*args).compile()
   text = compiled.as_text()
   entry = text[text.index("ENTRY"):]
   return max(m.group(1).count("%") for m in re.finditer(r" fusion\(([^)]*)\)", entry))
@@ -100,12 +99,13 @@ def _model_loss(model):
   return loss, variables["params"]
 
 
-def _check_fence(monkeypatch, module, loss, params):
-  """The widest fusion of loss's gradient is narrower with ``module.materialize`` than
-  with the identity in its place, and the gradients are the same either way."""
+def _check_fence(monkeypatch, loss, params):
+  """The widest fusion of loss's gradient is narrower with the tail's ``materialize``
+  (``attention_flax.ops.tail``) than with the identity in its place, and the gradients are
+  the same either way."""
   fenced_values = jax.jit(jax.grad(loss))(params)
   fenced = _widest_fusion(jax.grad(loss), params)
-  monkeypatch.setattr(module, "materialize", lambda v: v)
+  monkeypatch.setattr(tail, "materialize", lambda v: v)
   plain = _widest_fusion(jax.grad(loss), params)
   assert fenced < plain, (fenced, plain)
   chex.assert_trees_all_close(fenced_values, jax.jit(jax.grad(loss))(params), rtol=1e-5,
@@ -113,20 +113,18 @@ def _check_fence(monkeypatch, module, loss, params):
 
 
 def test_bottleneck_stage_outputs_are_materialized(monkeypatch):
-  _check_fence(monkeypatch, resnet, *_model_loss(resnet.ResNet(
-      stage_sizes=(4,), block=resnet.Bottleneck, widths=(8,), num_classes=3)))
+  # ops.bottleneck_tail, the Bottleneck's default tail, writes each block's output once.
+  model = resnet.ResNet(stage_sizes=(4,), block=resnet.Bottleneck, widths=(8,), num_classes=3)
+  assert resnet.Bottleneck.default_tail is ops.bottleneck_tail
+  _check_fence(monkeypatch, *_model_loss(model))
 
 
 def test_cbam_channel_gated_map_is_materialized(monkeypatch):
-  # A folded CBAM block's spatial gate reads the channel-gated map in its pools, its
-  # product and their gradients; left to fusion, each of those fusions re-derives the map
-  # from the convolution's output, the norm's scale and shift and the gate.
-  _check_fence(monkeypatch, hybrid, *_model_loss(resnet.ResNet(
-      stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,), num_classes=3, attn="cbam")))
-
-
-def test_cbam_layer_materializes_its_channel_gated_map(monkeypatch):
-  # Unfolded, as in a user's model: the layer gates the channels itself.
-  _check_fence(monkeypatch, hybrid, *_model_loss(resnet.ResNet(
-      stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,), num_classes=3, attn="cbam",
-      fold_gate=False)))
+  # A folded CBAM block's spatial gate (CBAM.after_gate, called by ops.residual_tail) reads
+  # the channel-gated map in its pools, its product and their gradients; left to fusion,
+  # each of those fusions re-derives the map from the convolution's output, the norm's
+  # scale and shift and the gate.
+  model = resnet.ResNet(stage_sizes=(2,), block=resnet.BasicBlock, widths=(8,),
+                        num_classes=3, attn="cbam")
+  assert resnet.BasicBlock.default_tail is ops.residual_tail
+  _check_fence(monkeypatch, *_model_loss(model))

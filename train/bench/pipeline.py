@@ -1,27 +1,9 @@
-"""The input pipeline's side of ``train.bench`` (``--pipeline``): images per second out of
-``train.data.train_dataset`` as the trainer reads it, on data that needs no download.
-
-``--data`` picks the source:
-
-* ``digits``: scikit-learn's 8x8 digits (float images, normalised on the host), upsampled.
-* ``cifar10_mock``: ``tfds.testing.mock_data`` examples of cifar10 (32x32 uint8). The mock
-  makes a random example on every read, which costs more than reading a prepared
-  dataset's record does: on a 2-core EPYC about a third of the pipeline's time per image.
-* ``png_folder``: random 32x32 RGB images written as PNG files into a temporary image
-  folder (``data.name="folder"``, ``<tmp>/train/<class>/*.png``) and read back by
-  ``train.datasets.ImageFolderSource``: a file opened and a PNG decoded per image, as for
-  a user's own image folder. Noise compresses worst, so the decoding is the dearest a
-  32x32 PNG gets.
-
-All three are augmented as CIFAR is (resize to the image size, random crop with 1/8 of it
-as padding, random flip) and uint8 sources stay uint8 for the device to normalise.
-
-With ``augment_on_device`` (``data.augment_on_device``; ``train.bench --augment_on_device``
-adds such a row after the host-augmented one) the pipeline leaves the resize, crop and
-flip to the jitted step (``train.device_augment``) and ships the images at their stored
-size; the row then also times that device work on one of the pipeline's batches
-(``device_augment_s``) and charges it to the model: ``ratio_vs_model`` compares the
-pipeline with the model's step plus the augmentation.
+"""The input pipeline's part of ``python -m train.bench --pipeline``: images per second
+out of ``train.data.train_dataset`` as the trainer reads it, on data that needs no
+download (``--data``: digits, cifar10_mock or png_folder, a temporary folder of PNG
+files), against the fastest model's consumption; with ``augment_on_device`` the resize,
+crop and flip are left to the jitted step, timed on one batch and charged to the model.
+Sources and fields: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,12 +16,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from train.bench.common import fmt, median, time_call
+
 PIPELINE_DATA = ("digits", "cifar10_mock", "png_folder")
-# Examples in the source. grain's shuffle spends about 45 ms per epoch before its first
-# element and ~17 us per element after that (2-core EPYC), so a source of 512 examples
-# paid 105 us an image and CIFAR-10's 50,000 pay 18. The mock's examples cost nothing to
-# have (each is made when read), so it has CIFAR-10's train split; the folder's are written
-# first (8,192 PNGs in about 6 s: 22 us an image in the shuffle). digits has its own size.
+# Examples in the source: grain's shuffle costs a fixed time per epoch, so a small source
+# is dear per image (docs/benchmarks.md); the mock's examples cost nothing to have, the
+# folder's are written first; digits has its own size.
 SOURCE_SIZE = {"digits": 0, "cifar10_mock": 50_000, "png_folder": 8_192}
 PNG_FOLDER_CLASSES = 10
 PNG_FOLDER_SIDE = 32
@@ -61,8 +43,8 @@ def write_png_folder(root: str, num_images: int, *, side: int = PNG_FOLDER_SIDE,
 
 def pipeline_data_config(name: str, size: int, channels: int, workers: int = 0,
                          data_dir: str | None = None, augment_on_device: bool = False) -> Any:
-  """The data block of ``--pipeline`` for ``name`` in :data:`PIPELINE_DATA` (module
-  docstring), with ``workers`` grain worker processes (``data.worker_count``; 0: reader
+  """The data block of ``--pipeline`` for ``name`` in :data:`PIPELINE_DATA`
+  (docs/benchmarks.md), with ``workers`` grain worker processes (``data.worker_count``; 0: reader
   threads only). ``png_folder`` needs the folder's root as ``data_dir``."""
   import configs
   augment = {"crop_padding": max(1, size // 8), "flip": True}
@@ -152,18 +134,12 @@ def device_augment_time(batch: dict[str, np.ndarray], spec: Any, repeats: int = 
   prepare = jax.jit(lambda b: device_augment.prepare_images(b, spec.image_size, spec.mean,
                                                             spec.std))
   on_device = jax.device_put({k: batch[k] for k in ("image", "box", "mirror")})
-  jax.block_until_ready(prepare(on_device))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(prepare(on_device))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  time_call(prepare, on_device)
+  return median([time_call(prepare, on_device) for _ in range(repeats)])
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
   """A line for each "pipeline" row, after a blank one."""
-  from train.bench import _fmt
   out = []
   for r in rows:
     if r["kind"] == "pipeline":
@@ -172,7 +148,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
               f"{r['workers']} workers"
               f"{', augmented on the device' if r.get('augment_on_device') else ''}): "
               f"{r['images_per_second']:.0f} img/s; "
-              f"{r['model']} consumes {_fmt(r['model_images_per_second'], '.0f')} img/s"
+              f"{r['model']} consumes {fmt(r['model_images_per_second'], '.0f')} img/s"
               f"{' with the augmentation' if r.get('augment_on_device') else ''}; "
-              f"ratio {_fmt(r['ratio_vs_model'], '.2f')}"]
+              f"ratio {fmt(r['ratio_vs_model'], '.2f')}"]
   return out

@@ -1,33 +1,7 @@
-"""Where a train step's time goes (``train.bench --profile``): the XLA operations of a few
-traced steps, summed by kind and by name.
-
-Each model's compiled step runs ``steps`` more times under ``jax.profiler.trace``; the trace
-is read back with ``jax.profiler.ProfileData`` and every event that names an XLA operation
-(it carries an ``hlo_op`` statistic: GPU kernels, CPU thunks) is counted, from the device
-planes where the backend has them (GPU, TPU) and from the host's otherwise (CPU). What is
-reported per model and step:
-
-* ``busy_s``: the events' durations summed. On a GPU's single stream this is the time the
-  device computed; the step time minus it (``idle_s``) is the time it waited between
-  kernels (launches, host work). On CPU operations run on several threads at once, so the
-  sum can exceed the step time and ``idle_s`` means nothing (null). Nor does the CPU sum
-  hold XLA's own convolutions: their events cover only the start of the work that
-  Eigen's threads then do untraced.
-* ``untraced_s``: the time, from the first traced operation to the last (the host's
-  time between the traced steps included), during which no traced operation ran, per
-  step; ``untraced_after``: that time by the kind of the operation that ended last
-  before each gap (an approximation where operations overlap on threads). On a GPU it is
-  the idle time between kernels. On CPU it is mostly where the convolutions' work is: a
-  chain of eight XLA convolutions alone ran 57.7 ms a call with 54.1 ms untraced, eight
-  matrix products 674 ms with 3.3; a ResNet-20 step 400 ms with 201 untraced
-  (docs/benchmarks.md).
-* ``ops``: the number of such events (kernels on a GPU).
-* ``by_kind``: time and count per kind: "convolution" (cuDNN's kernels and their layout
-  kernels, XLA:CPU's convolutions), "matmul" (cuBLAS, XLA's gemm fusions and dots),
-  "fusion" (XLA's element-wise, reduction and transpose fusions), "copy", "memset",
-  "other" (anything else).
-* ``top``: the ``top`` names with the most time, a trailing ``.N`` / ``_N`` (XLA's numbering
-  of instances) removed, so that one row sums every instance of a kind of fusion.
+"""Where a train step's time goes (``python -m train.bench --profile``): a few more steps
+of each model traced with ``jax.profiler``, the XLA operations of the trace (events with
+an ``hlo_op`` statistic, from the device planes, else the host's) summed per step by kind
+and by name. The fields of a row's ``profile``: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -40,6 +14,8 @@ import tempfile
 from typing import Any, Sequence
 
 import jax
+
+from train.bench.common import model_label, table
 
 KINDS = ("convolution", "matmul", "fusion", "copy", "memset", "other")
 _CONV = ("xmma", "cudnn", "implicit_gemm", "convolve_common", "nhwcaddpadding", "nchwtonhwc",
@@ -101,8 +77,9 @@ def untraced_gaps(events: Sequence[tuple[str, float, float]]) -> dict[str, float
 
 
 def profile_step(step: Any, steps: int = 3, top: int = 12) -> dict[str, Any]:
-  """Traces ``steps`` calls of ``step.step()`` (a ``train.bench.OurStep``) and sums the
-  XLA operations per step (module docstring)."""
+  """Traces ``steps`` calls of ``step.step()`` (any object with one, such as a
+  :class:`train.bench.models.OurStep`) and sums the XLA operations per step: the row's
+  ``profile`` (fields: docs/benchmarks.md)."""
   if steps < 1:
     raise ValueError(f"--profile_steps must be >= 1; got {steps}.")
   with tempfile.TemporaryDirectory(prefix="bench_trace_") as path:
@@ -133,27 +110,16 @@ def profile_step(step: Any, steps: int = 3, top: int = 12) -> dict[str, Any]:
               for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
-def model_label(row: dict[str, Any]) -> str:
-  """A model row's name in the tables: the model, then its variant's ``model_kwargs``."""
-  return row["model"] + "".join(f" ({k}={v})" for k, v in
-                                sorted((row.get("model_kwargs") or {}).items()))
-
-
 def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
   """A table of the profiled model rows (none without ``--profile``)."""
-  profiled = [r for r in rows if r.get("kind") == "model" and r.get("profile")]
-  if not profiled:
-    return []
-  out = ["", "| model | ms per step: busy / idle | untraced ms (after convolutions) | ops | "
-         + " | ".join(f"{k} ms (ops)" for k in KINDS) + " |",
-         "|---|---|---|---|" + "---|" * len(KINDS)]
-  for r in profiled:
+  def cells(r: dict[str, Any]) -> list[str]:
     p = r["profile"]
     idle = "-" if p["idle_s"] is None else f"{p['idle_s'] * 1e3:.2f}"
     after_conv = p["untraced_after"].get("convolution", 0.0)
-    cells = [f"{p['by_kind'][k]['s'] * 1e3:.2f} ({p['by_kind'][k]['ops']:.0f})"
-             if k in p["by_kind"] else "-" for k in KINDS]
-    out.append(f"| {model_label(r)} | {p['busy_s'] * 1e3:.2f} / {idle} | "
-               f"{p['untraced_s'] * 1e3:.2f} ({after_conv * 1e3:.2f}) | {p['ops']:.0f} | "
-               + " | ".join(cells) + " |")
-  return out
+    return [model_label(r), f"{p['busy_s'] * 1e3:.2f} / {idle}",
+            f"{p['untraced_s'] * 1e3:.2f} ({after_conv * 1e3:.2f})", f"{p['ops']:.0f}",
+            *(f"{p['by_kind'][k]['s'] * 1e3:.2f} ({p['by_kind'][k]['ops']:.0f})"
+              if k in p["by_kind"] else "-" for k in KINDS)]
+  return table(["model", "ms per step: busy / idle", "untraced ms (after convolutions)",
+                "ops", *(f"{k} ms (ops)" for k in KINDS)],
+               [cells(r) for r in rows if r.get("kind") == "model" and r.get("profile")])

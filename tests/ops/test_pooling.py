@@ -1,5 +1,4 @@
-"""attention_flax.pool.max_pool: flax.linen.max_pool's values, and the same derivatives
-written as strided slices (first maximum wins, as in JAX's and PyTorch's max pools)."""
+"""attention_flax.ops.pooling.max_pool: flax.linen.max_pool's values and derivatives."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from attention_flax.pool import max_pool
+from attention_flax.ops.pooling import max_pool
 
 CASES = [
     # window, strides, padding: ResNet's stem pool, STN's 2x2 pools, odd sizes, SAME

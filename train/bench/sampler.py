@@ -1,6 +1,8 @@
-"""The sampler's side of ``train.bench`` (``--sampler``): ``grid_sample`` forward and
-backward on a fixed batch, against ``torch.nn.functional.grid_sample`` with
-``--against=torch`` (``train.bench_torch``)."""
+"""The sampler's part of ``python -m train.bench --sampler``: ``attention_flax.ops.grid_sample``
+(the spatial transformer's default sampler) forward and backward on a fixed batch, beside
+``torch.nn.functional.grid_sample`` with ``--against=torch``; one "sampler" row per shape
+and mode.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.bench.common import fmt, interleave, summary, table
+from train.bench.torch_ref import TorchSampler
 
-class _OurSampler:
+
+class OurSampler:
+  """``attention_flax.ops.grid_sample(x, grid, mode=mode)`` and its gradients for image
+  and grid, given a fixed random output gradient, jitted on an (N, H, W, C) ``shape``
+  with a random affine grid."""
+
   def __init__(self, shape: tuple[int, int, int, int], seed: int = 0,
                compiler_options: dict[str, Any] | None = None, mode: str = "bilinear"):
-    from attention_flax.layers.transformer import affine_grid, grid_sample
+    from attention_flax import ops
+    from attention_flax.sampling import affine_grid
     rs = np.random.RandomState(seed)
     n = shape[0]
     self.mode = mode
@@ -28,7 +38,7 @@ class _OurSampler:
     def forward_backward(x, grid, cot):
       # The samples and both gradients for a given output gradient, as inside a network
       # (no loss reduction fused into the sampler).
-      out, pullback = jax.vjp(lambda x, grid: grid_sample(x, grid, mode=mode), x, grid)
+      out, pullback = jax.vjp(lambda x, grid: ops.grid_sample(x, grid, mode=mode), x, grid)
       return out, *pullback(cot)
 
     args = [jnp.asarray(a) for a in (self.x, self.grid, self.cot)]
@@ -48,18 +58,17 @@ def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, r
                   against: str | None, compiler_options: dict[str, Any],
                   modes: Sequence[str] = ("bilinear",)) -> list[dict[str, Any]]:
   """One "sampler" row per (N, H, W, C) shape and mode ("bilinear", "nearest"): zeros
-  padding, forward + backward."""
-  from train.bench_models import _interleave, _summary
-  from train.bench_torch import _TorchSampler
+  padding, forward + backward, ours and (with ``against="torch"``) PyTorch's interleaved."""
   rows = []
   for shape, mode in ((shape, mode) for mode in modes for shape in shapes):
-    ours = _OurSampler(tuple(shape), compiler_options=compiler_options, mode=mode)
-    steps = [ours] + ([_TorchSampler(ours)] if against == "torch" else [])
-    _interleave(steps, warmup, repeats)
+    ours = OurSampler(tuple(shape), compiler_options=compiler_options, mode=mode)
+    theirs = (TorchSampler(ours.x, ours.grid, ours.cot, mode) if against == "torch"
+              else None)
+    interleave([ours] + ([theirs] if theirs else []), warmup, repeats)
     row = {"kind": "sampler", "model": "grid_sample", "mode": mode, "shape": list(shape),
-           **_summary(ours.times), "compile_time_s": ours.compile_time}
-    if against == "torch":
-      row.update(_summary(steps[1].times, "torch_"))
+           **summary(ours.times), "compile_time_s": ours.compile_time}
+    if theirs is not None:
+      row.update(summary(theirs.times, "torch_"))
       row["throughput_ratio_vs_torch"] = (row["torch_step_time_median_s"]
                                           / row["step_time_median_s"])
     rows.append(row)
@@ -68,15 +77,11 @@ def bench_sampler(shapes: Sequence[tuple[int, int, int, int]], *, warmup: int, r
 
 def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
   """The "sampler" rows as a Markdown table's lines (none without such rows)."""
-  from train.bench import _fmt
-  samplers = [r for r in rows if r["kind"] == "sampler"]
-  if not samplers:
-    return []
-  out = ["", "| grid_sample fwd+bwd (N, H, W, C) | mode | median s (min-max) | torch median s "
-         "| ours/torch |", "|---|---|---|---|---|"]
-  for r in samplers:
-    out.append(f"| {tuple(r['shape'])} | {r['mode']} | {r['step_time_median_s']:.4f} "
-               f"({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) "
-               f"| {_fmt(r.get('torch_step_time_median_s'), '.4f')} "
-               f"| {_fmt(r.get('throughput_ratio_vs_torch'))} |")
-  return out
+  return table(
+      ["grid_sample fwd+bwd (N, H, W, C)", "mode", "median s (min-max)", "torch median s",
+       "ours/torch"],
+      [[str(tuple(r["shape"])), r["mode"],
+        f"{r['step_time_median_s']:.4f} ({r['step_time_min_s']:.4f}-"
+        f"{r['step_time_max_s']:.4f})", fmt(r.get("torch_step_time_median_s"), ".4f"),
+        fmt(r.get("throughput_ratio_vs_torch"))]
+       for r in rows if r["kind"] == "sampler"])

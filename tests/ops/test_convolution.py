@@ -1,4 +1,4 @@
-"""attention_flax.conv: values and both gradients equal lax.conv_general_dilated's."""
+"""attention_flax.ops.convolution equals lax.conv_general_dilated; ops.compiler's CPU options."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from absl.testing import parameterized
 from flax import linen as nn
 from jax import lax
 
-from attention_flax import conv
+from attention_flax import ops
+from attention_flax.ops import compiler, convolution as conv
 from tests.conv_helpers import conv_loss, library_ops, random_pair
 
 _loss, _random = conv_loss, random_pair
@@ -254,8 +255,8 @@ def _conv_and_grads(x, k):
 def test_cpu_compiler_options_move_convolutions_out_of_the_library():
   # jaxlib 0.10's XLA:CPU gives convolutions with 32 channels to YNNPACK by default; with
   # the options XLA's own kernels run them, and the library keeps the reductions.
-  options = conv.cpu_compiler_options()
-  assert options == conv.CPU_COMPILER_OPTIONS
+  options = compiler.cpu_compiler_options()
+  assert options == compiler.CPU_COMPILER_OPTIONS
   x, k = _random((4, 8, 8, 32), (3, 3, 32, 32))
   default = jax.jit(_conv_and_grads).lower(x, k).compile()
   ours = jax.jit(_conv_and_grads, compiler_options=options).lower(x, k).compile()
@@ -270,17 +271,23 @@ def test_cpu_compiler_options_move_convolutions_out_of_the_library():
 
 
 def test_cpu_compiler_options_yield_to_xla_flags_and_to_old_jaxlibs(monkeypatch):
-  options = conv.cpu_compiler_options()
+  options = compiler.cpu_compiler_options()
   options.clear()  # A copy: the module's options are untouched.
-  assert conv.cpu_compiler_options() == conv.CPU_COMPILER_OPTIONS
+  assert compiler.cpu_compiler_options() == compiler.CPU_COMPILER_OPTIONS
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=reduce")
-  assert conv.cpu_compiler_options() == {}
+  assert compiler.cpu_compiler_options() == {}
   monkeypatch.delenv("XLA_FLAGS")
   # A jaxlib that rejects the values (here: one that does not exist) gets no options.
-  monkeypatch.setattr(conv, "CPU_COMPILER_OPTIONS",
+  monkeypatch.setattr(compiler, "CPU_COMPILER_OPTIONS",
                       {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NONE"})
-  conv._cpu_options_accepted.cache_clear()
+  compiler._cpu_options_accepted.cache_clear()
   try:
-    assert conv.cpu_compiler_options() == {}
+    assert compiler.cpu_compiler_options() == {}
   finally:
-    conv._cpu_options_accepted.cache_clear()
+    compiler._cpu_options_accepted.cache_clear()
+
+
+def test_compiler_options_are_the_cpu_options_on_cpu_only():
+  assert ops.compiler_options("cpu") == compiler.cpu_compiler_options()
+  assert ops.compiler_options() == compiler.cpu_compiler_options()  # the tests run on CPU
+  assert ops.compiler_options("cuda") == {} and ops.compiler_options("tpu") == {}

@@ -1,10 +1,9 @@
-"""grid_sample's custom gradient against JAX's own autodiff of the same sampler.
+"""attention_flax.ops.sampler.grid_sample's gradient equals autodiff of sampling.grid_sample."""
 
-The default bilinear sampler carries a ``jax.custom_vjp`` whose CPU rule is hand-written
-(``attention_flax.layers.bilinear.taps_vjp_cpu``); ``forward_mode=True`` is the plain
-formula differentiated by JAX. The two must give the same gradients, second derivatives
-and batched gradients.
-"""
+# The fast sampler's bilinear gradient is a ``jax.custom_vjp`` whose CPU rule is written by
+# hand (attention_flax.ops.bilinear.taps_vjp_cpu); attention_flax.sampling.grid_sample is
+# the plain formula differentiated by JAX. The two must give the same gradients, second
+# derivatives and batched gradients.
 
 from __future__ import annotations
 
@@ -16,8 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_flax.layers import bilinear
-from attention_flax.layers.transformer import SpatialTransformer, affine_grid, grid_sample
+from attention_flax import sampling
+from attention_flax.layers.transformer import SpatialTransformer
+from attention_flax.ops import bilinear
+from attention_flax.ops import sampler as fast_sampler
+from attention_flax.ops.sampler import grid_sample
+from attention_flax.sampling import affine_grid
+
+PLAIN = sampling.grid_sample
 
 
 def _data(shape, out_hw, seed, dtype=jnp.float32):
@@ -31,8 +36,9 @@ def _data(shape, out_hw, seed, dtype=jnp.float32):
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("padding_mode", "align_corners"))
-def _vjp(forward_mode, x, grid, cot, **kw):
-  f = functools.partial(grid_sample, forward_mode=forward_mode, **kw)
+def _vjp(sample, x, grid, cot, **kw):
+  """(output, input gradient, grid gradient) of ``sample``: the fast or the plain sampler."""
+  f = functools.partial(sample, **kw)
   out, pullback = jax.vjp(f, x, grid)
   return (out, *pullback(cot))
 
@@ -43,8 +49,8 @@ def _vjp(forward_mode, x, grid, cot, **kw):
                           ("reflection", True)])
 def test_gradients_equal_autodiff(channels, padding_mode, align_corners):
   x, grid, cot = _data((2, 5, 6, channels), (4, 7), seed=channels)
-  ours = _vjp(False, x, grid, cot, padding_mode=padding_mode, align_corners=align_corners)
-  ref = _vjp(True, x, grid, cot, padding_mode=padding_mode, align_corners=align_corners)
+  ours = _vjp(grid_sample, x, grid, cot, padding_mode=padding_mode, align_corners=align_corners)
+  ref = _vjp(PLAIN, x, grid, cot, padding_mode=padding_mode, align_corners=align_corners)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
   assert np.abs(ours[2]).max() > 1.0  # the grid gradient is not trivially zero
@@ -55,7 +61,6 @@ def test_gradients_equal_autodiff(channels, padding_mode, align_corners):
 def test_per_image_indices_equal_batch_indices(monkeypatch, mode, channels):
   # Batches of BATCH_INDEX_PIXELS or more gather with (image, pixel) indices; lowering the
   # limit sends this small batch down that path, which must agree exactly.
-  from attention_flax.layers import transformer
   x, grid, cot = _data((3, 6, 7, channels), (5, 4), 11)
 
   def run():
@@ -64,9 +69,9 @@ def test_per_image_indices_equal_batch_indices(monkeypatch, mode, channels):
     return (out, *pullback(cot))
 
   batch = run()
-  monkeypatch.setattr(transformer, "BATCH_INDEX_PIXELS", 3 * 6 * 7)
+  monkeypatch.setattr(fast_sampler, "BATCH_INDEX_PIXELS", 3 * 6 * 7)
   per_image = run()
-  monkeypatch.setattr(transformer, "BATCH_INDEX_PIXELS", 3 * 6 * 7 + 1)
+  monkeypatch.setattr(fast_sampler, "BATCH_INDEX_PIXELS", 3 * 6 * 7 + 1)
   assert all(np.array_equal(a, b) for a, b in zip(run(), batch))
   for a, b in zip(per_image, batch):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -81,8 +86,8 @@ def test_scatter_accumulates_colliding_taps():
   x, _, cot = _data((1, 4, 4, 3), (8, 8), seed=7)
   theta = jnp.array([[[0.1, 0.0, 0.05], [0.0, 0.1, -0.05]]], jnp.float32)
   grid = affine_grid(theta, (1, 8, 8))
-  ours = _vjp(False, x, grid, cot)
-  ref = _vjp(True, x, grid, cot)
+  ours = _vjp(grid_sample, x, grid, cot)
+  ref = _vjp(PLAIN, x, grid, cot)
   np.testing.assert_allclose(ours[1], ref[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours[2], ref[2], rtol=1e-5, atol=1e-5)
   # The input gradient's total is the cotangent's total: the weights of each point sum to 1.
@@ -201,15 +206,15 @@ def test_nearest_forward_mode_and_vmap(channels):
 def test_second_order_equals_autodiff(channels):
   x, grid, cot = _data((1, 4, 5, channels), (3, 4), seed=3)
 
-  def penalty(forward_mode, x, grid):
+  def penalty(sample, x, grid):
     # A gradient penalty: the gradients, differentiated again. The loss is not linear in
     # the samples, so the output gradient g itself depends on x and the grid.
-    loss = lambda a, b: jnp.sum(jnp.sin(grid_sample(a, b, forward_mode=forward_mode)) * cot)
+    loss = lambda a, b: jnp.sum(jnp.sin(sample(a, b)) * cot)
     gx, gg = jax.grad(loss, argnums=(0, 1))(x, grid)
     return jnp.sum(gx ** 2) + jnp.sum(jnp.sin(gg))
 
-  ours = jax.jit(jax.grad(functools.partial(penalty, False), argnums=(0, 1)))(x, grid)
-  ref = jax.jit(jax.grad(functools.partial(penalty, True), argnums=(0, 1)))(x, grid)
+  ours = jax.jit(jax.grad(functools.partial(penalty, grid_sample), argnums=(0, 1)))(x, grid)
+  ref = jax.jit(jax.grad(functools.partial(penalty, PLAIN), argnums=(0, 1)))(x, grid)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert np.abs(ours[1]).max() > 0
@@ -228,14 +233,13 @@ def test_vmap_of_the_gradient_equals_a_loop(channels):
     np.testing.assert_allclose(batched[1][i], one[1], rtol=1e-5, atol=1e-6)
 
 
-def test_forward_mode_needs_the_flag():
+def test_forward_mode_needs_the_plain_sampler():
   x, grid, _ = _data((1, 4, 4, 2), (3, 3), seed=9)
   tangent = jnp.asarray(np.random.default_rng(1).standard_normal(grid.shape), jnp.float32)
   with pytest.raises(TypeError, match="forward|jvp"):
     jax.jvp(lambda g: grid_sample(x, g), (grid,), (tangent,))
-  _, jvp = jax.jit(lambda g, t: jax.jvp(lambda u: grid_sample(x, u, forward_mode=True),
-                                        (g,), (t,)))(grid, tangent)
-  # J v from reverse mode (the default, custom gradient): the full Jacobian times v.
+  _, jvp = jax.jit(lambda g, t: jax.jvp(lambda u: PLAIN(x, u), (g,), (t,)))(grid, tangent)
+  # J v from reverse mode (the fast sampler's custom gradient): the full Jacobian times v.
   jac = jax.jit(jax.jacrev(lambda g: grid_sample(x, g)))(grid)
   np.testing.assert_allclose(jvp, jnp.tensordot(jac, tangent, axes=4), rtol=1e-5, atol=1e-5)
 
@@ -243,8 +247,8 @@ def test_forward_mode_needs_the_flag():
 @pytest.mark.parametrize("channels", [1, 3, 8])  # the three CPU paths
 def test_bfloat16_gradient_follows_float32(channels):
   x, grid, cot = _data((2, 6, 6, channels), (5, 5), seed=11)
-  ours = _vjp(False, x.astype(jnp.bfloat16), grid, cot.astype(jnp.bfloat16))
-  ref = _vjp(True, x, grid, cot)
+  ours = _vjp(grid_sample, x.astype(jnp.bfloat16), grid, cot.astype(jnp.bfloat16))
+  ref = _vjp(PLAIN, x, grid, cot)
   assert ours[1].dtype == jnp.bfloat16 and ours[2].dtype == jnp.float32
   np.testing.assert_allclose(ours[1].astype(jnp.float32), ref[1], rtol=0.05, atol=0.05)
   np.testing.assert_allclose(ours[2], ref[2], rtol=0.05, atol=0.1)
@@ -254,7 +258,7 @@ def test_spatial_transformer_forward_mode():
   # jacfwd of the output with respect to the theta layer's bias (the affine transform): the
   # tangent runs through affine_grid and the sampler only.
   x, _, _ = _data((2, 18, 18, 1), (1, 1), seed=13)
-  stn = SpatialTransformer(forward_mode=True)
+  stn = SpatialTransformer(sampler=PLAIN)
   params = jax.jit(stn.init)(jax.random.PRNGKey(0), x)
 
   def out(module, bias):
@@ -264,6 +268,7 @@ def test_spatial_transformer_forward_mode():
 
   bias = params["params"]["fc_theta"]["bias"]
   fwd = jax.jit(jax.jacfwd(functools.partial(out, stn)))(bias)
+  assert SpatialTransformer().sampler is grid_sample  # the fast one, reverse mode only
   rev = jax.jit(jax.jacrev(functools.partial(out, SpatialTransformer())))(bias)
   assert fwd.shape == (2, 18, 18, 1, 6)
   np.testing.assert_allclose(fwd, rev, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from attention_flax import ops
 from attention_flax.layers.channel import ChannelMlp
 from attention_flax.layers.common import check_images, get_act, reduced_width
 from attention_flax.layers.norm import TorchBatchNorm
-from attention_flax.layers.spatial import SpatialAttention, _batch_norm
+from attention_flax.layers.spatial import SpatialAttention, norm_in_float32
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
@@ -118,7 +118,7 @@ class LightSpatialAttention(nn.Module):
                        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="conv")(0.5 * mean + 0.5 * top)
     if self.use_bn:
-      logits = _batch_norm(self.norm, logits, train, self.param_dtype, "bn")
+      logits = norm_in_float32(self.norm, logits, train, self.param_dtype, "bn")
     mask = get_act(self.gate)(logits)
     self.sow("intermediates", "spatial_mask", mask)
     return x * mask.astype(x.dtype)

@@ -146,3 +146,23 @@ class TorchBatchNorm(nn.Module):
     # The wider of the two, chosen explicitly: strict dtype promotion refuses to mix them.
     wider = jnp.finfo(input_dtype).bits >= jnp.finfo(self.param_dtype).bits
     return input_dtype if wider else self.param_dtype
+
+
+def at_least_float32(x: Array) -> Array:
+  """x, promoted to float32 when narrower (the input of every batch norm here)."""
+  return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+
+
+def batch_norm(norm: Callable[..., nn.Module], x: Array, *, name: str, **kwargs: Any) -> Array:
+  """Applies the child ``norm(name=name, **kwargs)`` to ``x`` promoted to at least float32.
+
+  ``norm`` is a module factory (:class:`TorchBatchNorm`, ``flax.linen.BatchNorm`` or a
+  ``functools.partial`` of one). Statistics of half-precision activations are computed in
+  float32, and float32 statistics never meet a bfloat16 input (strict dtype promotion
+  would refuse the mix). The output has the norm's ``dtype``.
+  """
+  if not callable(norm):
+    raise TypeError(
+        f"norm must be a module factory such as TorchBatchNorm or "
+        f"functools.partial(flax.linen.BatchNorm, momentum=0.9, epsilon=1e-5); got {norm!r}.")
+  return norm(name=name, **kwargs)(at_least_float32(x))

@@ -38,7 +38,7 @@ from flax import linen as nn
 
 from attention_flax import ops
 from attention_flax.layers.common import check_images, get_act, he_normal
-from attention_flax.layers.norm import TorchBatchNorm
+from attention_flax.layers.norm import TorchBatchNorm, batch_norm
 
 Array = jax.Array
 
@@ -86,16 +86,12 @@ def resize_bilinear(x: Array, size: Sequence[int], align_corners: bool = False) 
   return jnp.einsum("oh,nhwc,pw->nopc", rows, x, cols)
 
 
-def _batch_norm(module: nn.Module, name: str, x: Array, train: bool) -> Array:
-  """``module.norm`` (by default :class:`TorchBatchNorm`, PyTorch's running-variance rule)
-  as the child ``name`` of ``module``, with its ``bn_momentum`` / ``bn_epsilon``."""
-  norm = module.norm(use_running_average=not train, momentum=module.bn_momentum,
-                     epsilon=module.bn_epsilon, dtype=module.dtype,
-                     param_dtype=module.param_dtype, name=name)
-  # A norm such as flax.linen.BatchNorm mixes float32 statistics with a bfloat16 input;
-  # allow that for this call only, so strict promotion keeps guarding the rest.
-  with jax.numpy_dtype_promotion("standard"):
-    return norm(x)
+def _norm(module: nn.Module, name: str, x: Array, train: bool) -> Array:
+  """``module.norm`` as the child ``name`` of ``module``, with its ``bn_momentum`` and
+  ``bn_epsilon`` (by default :class:`TorchBatchNorm`, PyTorch's running-variance rule)."""
+  return batch_norm(module.norm, x, name=name, use_running_average=not train,
+                    momentum=module.bn_momentum, epsilon=module.bn_epsilon, dtype=module.dtype,
+                    param_dtype=module.param_dtype)
 
 
 class ResidualUnit(nn.Module):
@@ -153,11 +149,11 @@ class ResidualUnit(nn.Module):
                        padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
                        param_dtype=self.param_dtype, kernel_init=he_normal, name=conv_name)
 
-    pre = act(_batch_norm(self, "bn1", x, train))
+    pre = act(_norm(self, "bn1", x, train))
     y = conv(width, 1, 1, "conv1")(pre)
-    y = act(_batch_norm(self, "bn2", y, train))
+    y = act(_norm(self, "bn2", y, train))
     y = conv(width, 3, stride, "conv2")(y)
-    y = act(_batch_norm(self, "bn3", y, train))
+    y = act(_norm(self, "bn3", y, train))
     y = conv(features, 1, 1, "conv3")(y)
     if stride != 1 or features != channels:
       shortcut = conv(features, 1, stride, "shortcut")(pre)
@@ -278,7 +274,7 @@ class ResidualAttention(nn.Module):
 
     act = get_act(self.act)
     for k in (1, 2):
-      mask = act(_batch_norm(self, f"mask_bn{k}", mask, train))
+      mask = act(_norm(self, f"mask_bn{k}", mask, train))
       mask = self.conv(features, (1, 1), padding=((0, 0), (0, 0)), use_bias=False,
                        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=he_normal,
                        name=f"mask_conv{k}")(mask)

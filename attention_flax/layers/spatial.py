@@ -24,28 +24,19 @@ from flax import linen as nn
 
 from attention_flax import ops
 from attention_flax.layers.common import check_images, get_act, make_divisible
-from attention_flax.layers.norm import TorchBatchNorm
+from attention_flax.layers.norm import TorchBatchNorm, batch_norm
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
 
 
-def _batch_norm(norm: ModuleDef, y: Array, train: bool, param_dtype: Any, name: str) -> Array:
-  """Applies the child ``norm(name=name, ...)`` to ``y`` in float32; returns ``y``'s dtype.
-
-  ``norm`` is a module factory called with ``use_running_average``, ``dtype``,
-  ``param_dtype`` and ``name`` only, so that momentum and epsilon stay whatever the factory
-  sets (``TorchBatchNorm``: 0.9 and 1e-5). Statistics of low-precision activations are
-  kept in float32, and the float32 running statistics never meet bfloat16 activations
-  (strict dtype promotion would refuse the mix).
-  """
-  if not callable(norm):
-    raise TypeError(
-        f"norm must be a module factory such as TorchBatchNorm or "
-        f"functools.partial(flax.linen.BatchNorm, momentum=0.9, epsilon=1e-5); got {norm!r}.")
-  out = norm(use_running_average=not train, dtype=jnp.float32, param_dtype=param_dtype,
-             name=name)(y.astype(jnp.float32))
-  return out.astype(y.dtype)
+def norm_in_float32(norm: ModuleDef, y: Array, train: bool, param_dtype: Any,
+                     name: str) -> Array:
+  """The child ``norm`` on ``y`` in float32, returned in ``y``'s dtype. The factory is called
+  with ``use_running_average``, ``dtype``, ``param_dtype`` and ``name`` only, so momentum
+  and epsilon stay the factory's (``TorchBatchNorm``: 0.9 and 1e-5)."""
+  return batch_norm(norm, y, name=name, use_running_average=not train, dtype=jnp.float32,
+                    param_dtype=param_dtype).astype(y.dtype)
 
 
 def _check_pool_order(pool_order: Sequence[str], module: str) -> tuple[str, ...]:
@@ -109,7 +100,7 @@ class SpatialAttention(nn.Module):
                        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="conv")(pooled)
     if self.use_bn:
-      logits = _batch_norm(self.norm, logits, train, self.param_dtype, "bn")
+      logits = norm_in_float32(self.norm, logits, train, self.param_dtype, "bn")
     mask = get_act(self.gate)(logits)
     self.sow("intermediates", "spatial_mask", mask)
     return x * mask.astype(x.dtype)
@@ -165,7 +156,7 @@ class CoordAttention(nn.Module):
 
     strips = jnp.concatenate([jnp.mean(x, axis=2), jnp.mean(x, axis=1)], axis=1)
     y = dense(mip, "conv1")(strips)
-    y = _batch_norm(self.norm, y, train, self.param_dtype, "bn1")
+    y = norm_in_float32(self.norm, y, train, self.param_dtype, "bn1")
     y = get_act(self.act)(y)
     gate = get_act(self.gate)
     gate_h = gate(dense(channels, "conv_h")(y[:, :height]))[:, :, None, :]

@@ -19,8 +19,8 @@ from flax import linen as nn
 from attention_flax import ops
 from attention_flax.checks import check_choice, check_images
 from attention_flax.layers.common import get_act
-from attention_flax.sampling import (IDENTITY_THETA, MODES, PADDING_MODES, affine_grid,
-                                     grid_sample)
+from attention_flax.sampling import IDENTITY_THETA, MODES, PADDING_MODES, affine_grid
+from attention_flax.sampling import grid_sample  # noqa: F401  (re-exported)
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]

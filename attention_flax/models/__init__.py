@@ -88,8 +88,9 @@ def plain_factories(model: nn.Module) -> dict[str, Any]:
   :func:`~attention_flax.models.common.plain_tail`,
   :func:`attention_flax.sampling.grid_sample`); an attention layer (``attn``) with such
   fields gets them through ``attn_kwargs``. The values and the parameter tree are the
-  default model's (to float rounding); the plain model is slower but differentiable in
-  every mode (``jax.jvp``, ``jax.jacfwd``). A ``backbone`` factory (``STNClassifier``,
+  default model's (to float rounding); without :mod:`attention_flax.ops`' fast paths the
+  model is differentiable in every mode (``jax.jvp``, ``jax.jacfwd``), which the default
+  CBAM tail and convolution are not. A ``backbone`` factory (``STNClassifier``,
   which passes it its ``conv``) is wrapped to take the plain ``pool`` and ``tail`` too.
   """
   fields = _field_names(model)

@@ -45,7 +45,7 @@ from flax import linen as nn
 
 from attention_flax import ops
 from attention_flax.layers.common import get_act, he_normal
-from attention_flax.layers.norm import TorchBatchNorm
+from attention_flax.layers.norm import TorchBatchNorm, batch_norm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
 from attention_flax.models.common import ModelEntry, check_model_images
 
@@ -115,12 +115,9 @@ class ResidualAttentionNet(nn.Module):
       raise ValueError(f"{name}.num_classes must be >= 1; got {self.num_classes}.")
 
   def _norm_act(self, x: Array, name: str, train: bool) -> Array:
-    norm = self.norm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)
-    # A norm such as flax.linen.BatchNorm mixes float32 statistics with a bfloat16 input.
-    with jax.numpy_dtype_promotion("standard"):
-      x = norm(x)
+    x = batch_norm(self.norm, x, name=name, use_running_average=not train,
+                   momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+                   param_dtype=self.param_dtype)
     return get_act(self.act)(x)
 
   @nn.compact

@@ -32,8 +32,8 @@ from flax import linen as nn
 from attention_flax import ops
 from attention_flax.layers import create_attention
 from attention_flax.layers.common import check_images, get_act, he_normal
-from attention_flax.layers.norm import TorchBatchNorm
-from attention_flax.models.common import ModelEntry, check_model_images, plain_tail
+from attention_flax.layers.norm import TorchBatchNorm, at_least_float32, batch_norm
+from attention_flax.models.common import ModelEntry, check_model_images
 
 Array = jax.Array
 ModuleDef = Callable[..., nn.Module]
@@ -87,21 +87,6 @@ def avg_pool_2x2_ceil(x: Array, stride: int = 2) -> Array:
   return sums / counts[None, :, :, None]
 
 
-def batch_norm(norm: ModuleDef, x: Array, name: str, **kwargs: Any) -> Array:
-  """Applies ``norm(name=name, **kwargs)`` to ``x`` promoted to at least float32.
-
-  Flax's BatchNorm subtracts its float32 statistics from the input, which strict dtype
-  promotion refuses for bfloat16; normalising in float32 is also the precise choice. The
-  output comes back in the norm's ``dtype`` (the model's compute dtype).
-  """
-  return norm(name=name, **kwargs)(at_least_float32(x))
-
-
-def at_least_float32(x: Array) -> Array:
-  """x, promoted to float32 when narrower (the input of every batch norm here)."""
-  return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
-
-
 def shortcut(x: Array, features: int, strides: int, down: str, conv: ModuleDef,
              norm: ModuleDef) -> Array:
   """The identity path of a block: (N, H, W, C) -> (N, H / strides, W / strides, features).
@@ -116,13 +101,13 @@ def shortcut(x: Array, features: int, strides: int, down: str, conv: ModuleDef,
     return x
   if down == "conv":
     x = conv(features, (1, 1), strides=strides, padding=padding(1), name="downsample_0")(x)
-    return batch_norm(norm, x, "downsample_1")
+    return batch_norm(norm, x, name="downsample_1")
   if down == "avg":
     # timm keeps index 0 for the pool (an Identity when stride is 1), hence _1 and _2.
     if strides > 1:
       x = avg_pool_2x2_ceil(x, strides)
     x = conv(features, (1, 1), padding=padding(1), name="downsample_1")(x)
-    return batch_norm(norm, x, "downsample_2")
+    return batch_norm(norm, x, name="downsample_2")
   if down == "pad":
     if features < in_features:
       raise ValueError(
@@ -204,7 +189,7 @@ class BasicBlock(ResidualBlock):
     check_images(x, type(self).__name__)
     conv, norm, act = self._layers(train)
     y = conv(self.features, (3, 3), strides=self.strides, padding=padding(3), name="conv1")(x)
-    y = act(batch_norm(norm, y, "bn1"))
+    y = act(batch_norm(norm, y, name="bn1"))
     y = conv(self.features, (3, 3), padding=padding(3), name="conv2")(y)
     return self._end(x, y, conv, norm, train, "bn2")
 
@@ -223,9 +208,9 @@ class Bottleneck(ResidualBlock):
     check_images(x, type(self).__name__)
     conv, norm, act = self._layers(train)
     y = conv(self.features, (1, 1), padding=padding(1), name="conv1")(x)
-    y = act(batch_norm(norm, y, "bn1"))
+    y = act(batch_norm(norm, y, name="bn1"))
     y = conv(self.features, (3, 3), strides=self.strides, padding=padding(3), name="conv2")(y)
-    y = act(batch_norm(norm, y, "bn2"))
+    y = act(batch_norm(norm, y, name="bn2"))
     y = conv(self.features * self.expansion, (1, 1), padding=padding(1), name="conv3")(y)
     return self._end(x, y, conv, norm, train, "bn3")
 
@@ -314,19 +299,19 @@ class ResNet(nn.Module):
 
     if self.stem == "classic":
       x = conv(stem_width, (7, 7), strides=2, padding=padding(7), name="conv1")(x)
-      x = max_pool_3x3_s2(self.pool, act(batch_norm(norm, x, "bn1")))
+      x = max_pool_3x3_s2(self.pool, act(batch_norm(norm, x, name="bn1")))
     elif self.stem == "deep":
       # timm's nn.Sequential indices: 0 conv, 1 bn, 2 act, 3 conv, 4 bn, 5 act, 6 conv.
       half = stem_width // 2
       x = conv(half, (3, 3), strides=2, padding=padding(3), name="conv1_0")(x)
-      x = act(batch_norm(norm, x, "conv1_1"))
+      x = act(batch_norm(norm, x, name="conv1_1"))
       x = conv(half, (3, 3), padding=padding(3), name="conv1_3")(x)
-      x = act(batch_norm(norm, x, "conv1_4"))
+      x = act(batch_norm(norm, x, name="conv1_4"))
       x = conv(stem_width, (3, 3), padding=padding(3), name="conv1_6")(x)
-      x = max_pool_3x3_s2(self.pool, act(batch_norm(norm, x, "bn1")))
+      x = max_pool_3x3_s2(self.pool, act(batch_norm(norm, x, name="bn1")))
     else:  # cifar: 32x32 inputs keep their resolution into the first stage.
       x = conv(stem_width, (3, 3), padding=padding(3), name="conv1")(x)
-      x = act(batch_norm(norm, x, "bn1"))
+      x = act(batch_norm(norm, x, name="bn1"))
 
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(num_blocks):

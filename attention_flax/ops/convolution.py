@@ -13,7 +13,6 @@ Measurements: docs/benchmarks.md.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Sequence
 
 import jax

@@ -81,49 +81,6 @@ class CBAMChannel(nn.Module):
     return gate
 
 
-class LightSpatialAttention(nn.Module):
-  """timm's light CBAM spatial gate: ``x * gate(bn(conv_kxk(0.5 * mean_c(x) + 0.5 *
-  max_c(x))))``.
-
-  Like :class:`~attention_flax.layers.spatial.SpatialAttention`, but the channel mean and
-  max are averaged into one map before the k x k convolution (child ``conv``, no bias,
-  kernel (k, k, 1, 1) from timm's (1, 1, k, k), symmetric zero padding ``(k - 1) // 2``),
-  followed by an optional BatchNorm (child ``bn``). timm's ``LightSpatialAttn`` (inside
-  ``LightCbamModule``), not in the CBAM paper. Input and output (N, H, W, C); sows
-  ``"spatial_mask"`` (N, H, W, 1). ``norm`` and ``conv`` are factories as in
-  ``SpatialAttention``.
-  """
-  # The maps it sows, by name, and their kind (attention_flax.inspect).
-  maps: ClassVar[dict[str, str]] = {"spatial_mask": "spatial_mask"}
-
-  kernel_size: int = 7
-  use_bn: bool = True
-  norm: ModuleDef = TorchBatchNorm
-  gate: str | Callable = "sigmoid"
-  conv: ModuleDef = ops.spatial_conv
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    check_images(x, type(self).__name__)
-    k = self.kernel_size
-    if not isinstance(k, int) or k < 1 or k % 2 == 0:
-      raise ValueError(
-          f"{type(self).__name__} needs an odd positive kernel_size so that the padding is "
-          f"symmetric; got {k!r}. Use e.g. 7 or 3.")
-    pad = (k - 1) // 2
-    mean, top = ops.mean_and_max(x, (-1,), keepdims=True)
-    logits = self.conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)],
-                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="conv")(0.5 * mean + 0.5 * top)
-    if self.use_bn:
-      logits = norm_in_float32(self.norm, logits, train, self.param_dtype, "bn")
-    mask = get_act(self.gate)(logits)
-    self.sow("intermediates", "spatial_mask", mask)
-    return x * mask.astype(x.dtype)
-
-
 class CBAM(nn.Module):
   """Convolutional Block Attention Module: channel gate, then spatial gate.
 
@@ -142,7 +99,8 @@ class CBAM(nn.Module):
 
   ``light=True`` is timm's ``LightCbamModule`` (registered as ``"lcbam"``; not in the
   paper): mean and max are averaged before the channel MLP (``CBAMChannel(light=True)``)
-  and before the spatial convolution (:class:`LightSpatialAttention`, kernel (k, k, 1, 1)),
+  and before the spatial convolution (``SpatialAttention(pool_order=("mean_max",))``,
+  kernel (k, k, 1, 1)),
   with the same children and variable names, so timm's weights convert as CBAM's do;
   ``pool_order`` then plays no part.
   """
@@ -170,15 +128,11 @@ class CBAM(nn.Module):
                                rd_channels=self.rd_channels, light=self.light,
                                mlp_bias=self.mlp_bias, act=self.act, gate=self.gate,
                                dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.light:
-      self.spatial = LightSpatialAttention(kernel_size=self.kernel_size, use_bn=self.spatial_bn,
-                                           norm=self.norm, conv=self.conv, gate=self.gate,
-                                           dtype=self.dtype, param_dtype=self.param_dtype)
-    else:
-      self.spatial = SpatialAttention(kernel_size=self.kernel_size, pool_order=self.pool_order,
-                                      use_bn=self.spatial_bn, norm=self.norm, conv=self.conv,
-                                      gate=self.gate, dtype=self.dtype,
-                                      param_dtype=self.param_dtype)
+    pool_order = ("mean_max",) if self.light else self.pool_order
+    self.spatial = SpatialAttention(kernel_size=self.kernel_size, pool_order=pool_order,
+                                    use_bn=self.spatial_bn, norm=self.norm, conv=self.conv,
+                                    gate=self.gate, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)

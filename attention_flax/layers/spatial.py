@@ -39,21 +39,29 @@ def norm_in_float32(norm: ModuleDef, y: Array, train: bool, param_dtype: Any,
                     param_dtype=param_dtype).astype(y.dtype)
 
 
+# The channel pools a spatial gate can convolve: the mean and the max over C, and their
+# average (timm's light CBAM).
+CHANNEL_POOLS = ("mean", "max", "mean_max")
+
+
 def _check_pool_order(pool_order: Sequence[str], module: str) -> tuple[str, ...]:
-  order = tuple(pool_order) if not isinstance(pool_order, str) else (pool_order,)
-  if len(order) != 2 or set(order) != {"max", "mean"}:
+  order = (pool_order,) if isinstance(pool_order, str) else tuple(pool_order)
+  if not order or len(set(order)) != len(order) or not set(order) <= set(CHANNEL_POOLS):
     raise ValueError(
-        f"{module} pool_order must name 'max' and 'mean' once each; got {pool_order!r}. "
-        "Use ('max', 'mean') (the CBAM authors' order) or ('mean', 'max') (timm's).")
+        f"{module} pool_order must name one or more of {CHANNEL_POOLS}, each once; got "
+        f"{pool_order!r}. Use ('max', 'mean') (the CBAM authors' order), ('mean', 'max') "
+        "(timm's) or ('mean_max',) (timm's light CBAM).")
   return order
 
 
 class SpatialAttention(nn.Module):
   """CBAM's spatial gate: ``x * gate(bn(conv_kxk([pool_c(x) for pool in pool_order])))``.
 
-  The channel axis is pooled to two maps (max and mean, in ``pool_order``), a k x k
-  convolution without bias (child ``conv``, kernel (k, k, 2, 1), symmetric zero padding
-  ``(k - 1) // 2`` like PyTorch) mixes them into one map, an optional BatchNorm (child
+  The channel axis is pooled to one map per entry of ``pool_order`` ("mean", "max", or
+  "mean_max", their average ``0.5 * mean + 0.5 * max``, timm's light CBAM; a single pool
+  gives a one-map gate such as the survey's SALayer), a k x k convolution without bias
+  (child ``conv``, kernel (k, k, P, 1) for P pools, symmetric zero padding ``(k - 1) // 2``
+  like PyTorch) mixes them into one map, an optional BatchNorm (child
   ``bn``) follows, and the gated map scales every channel alike. Input and output
   (N, H, W, C); sows ``"spatial_mask"`` (N, H, W, 1).
 
@@ -62,7 +70,7 @@ class SpatialAttention(nn.Module):
 
   Attributes:
     kernel_size: odd size of the square convolution (CBAM uses 7).
-    pool_order: the order of the two pooled maps fed to the convolution.
+    pool_order: the pooled maps fed to the convolution, in order.
     use_bn: BatchNorm after the convolution (timm's CBAM has it).
     norm: factory of ``bn``, called with ``use_running_average``, ``dtype``,
       ``param_dtype`` and ``name`` only (momentum and epsilon are the factory's). The
@@ -94,7 +102,8 @@ class SpatialAttention(nn.Module):
           f"{type(self).__name__} needs an odd positive kernel_size so that the padding is "
           f"symmetric; got {k!r}. Use e.g. 7 or 3.")
     pad = (k - 1) // 2
-    pools = dict(zip(("mean", "max"), ops.mean_and_max(x, (-1,), keepdims=True)))
+    mean, top = ops.mean_and_max(x, (-1,), keepdims=True)
+    pools = {"mean": mean, "max": top, "mean_max": 0.5 * mean + 0.5 * top}
     pooled = jnp.concatenate([pools[name] for name in order], axis=-1)
     logits = self.conv(1, kernel_size=(k, k), padding=[(pad, pad), (pad, pad)],
                        use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

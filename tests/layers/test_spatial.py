@@ -56,14 +56,16 @@ def _np_correlate(maps, kernel):
 # ----------------------------------------------------------------------------- spatial
 
 
-@pytest.mark.parametrize("pool_order", [("max", "mean"), ("mean", "max")])
+@pytest.mark.parametrize("pool_order", [("max", "mean"), ("mean", "max"), ("max",), ("mean",),
+                                        ("mean_max",), ("mean_max", "max", "mean")])
 @pytest.mark.parametrize("k", [7, 3])
 def test_spatial_mask_matches_numpy_correlation(pool_order, k):
   x = _images((2, 5, 6, 4))   # smaller than the 7x7 kernel: the padding matters
-  kernel = np.random.default_rng(1).normal(size=(k, k, 2, 1)).astype(np.float32)
+  kernel = np.random.default_rng(1).normal(size=(k, k, len(pool_order), 1)).astype(np.float32)
   layer = SpatialAttention(kernel_size=k, pool_order=pool_order)
   y, sown = _run(layer, {"params": {"conv": {"kernel": jnp.asarray(kernel)}}}, x)
   pools = {"max": x.max(axis=-1), "mean": x.mean(axis=-1)}
+  pools["mean_max"] = 0.5 * pools["mean"] + 0.5 * pools["max"]
   maps = np.stack([pools[name] for name in pool_order], axis=-1)
   mask = _sigmoid(_np_correlate(maps, kernel))[..., None]
   np.testing.assert_allclose(sown["spatial_mask"][0], mask, rtol=1e-5, atol=1e-6)
@@ -130,7 +132,7 @@ def test_spatial_batch_norm_train_step_uses_and_records_batch_statistics(norm):
   np.testing.assert_allclose(np.asarray(y_eval), x * mask_eval, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool_order", [("max", "max"), "max", ("avg", "max"),
+@pytest.mark.parametrize("pool_order", [("max", "max"), (), ("avg", "max"),
                                         ("max", "mean", "mean")])
 def test_spatial_rejects_bad_pool_order(pool_order):
   with pytest.raises(ValueError, match="pool_order"):

@@ -25,7 +25,7 @@ timm_layers = pytest.importorskip("timm.layers")
 from attention_flax.convert import convert_variables  # noqa: E402
 from attention_flax.layers import (  # noqa: E402
     CBAM, ECA, GlobalContext, create_attention, list_attentions)
-from attention_flax.layers.hybrid import LightSpatialAttention  # noqa: E402
+from attention_flax.layers.spatial import SpatialAttention  # noqa: E402
 from attention_flax.models.resnet import BasicBlock  # noqa: E402
 from tests.layers.test_parity import (  # noqa: E402
     _apply, _check_running_stats, _convert, _images, _nhwc, _randomise_norms)
@@ -175,9 +175,9 @@ def test_lcbam_after_gate_is_the_light_spatial_gate():
     mean, top = x.mean(axis=(1, 2)), x.max(axis=(1, 2))
     gate = layer.apply(variables, mean, top, method=CBAM.gate_from_pooled)
     y = layer.apply(variables, x * gate, method=CBAM.after_gate)
-    spatial = LightSpatialAttention().apply({"params": variables["params"]["spatial"],
-                                             "batch_stats": variables["batch_stats"]["spatial"]},
-                                            x * gate)
+    light_spatial = SpatialAttention(pool_order=("mean_max",), use_bn=True)
+    spatial = light_spatial.apply({"params": variables["params"]["spatial"],
+                                   "batch_stats": variables["batch_stats"]["spatial"]}, x * gate)
     np.testing.assert_allclose(layer.apply(variables, x), y, atol=1e-6, rtol=0)
   np.testing.assert_allclose(y, spatial, atol=1e-6, rtol=0)
 

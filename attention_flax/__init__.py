@@ -8,17 +8,28 @@ spatial-transformer classifiers. Every module sows the masks it applies into the
 
 from attention_flax.layers import (
     ATTENTIONS,
+    BottleneckAttn,
+    HaloAttn,
+    LambdaLayer,
+    BAM,
+    BilinearAttnTransform,
     CBAM,
     ECA,
     CoordAttention,
     EffectiveSE,
+    EfficientLocalAttn,
     GatherExcite,
     GlobalContext,
+    NonLocal,
     ResidualAttention,
     ResidualUnit,
+    SelectiveKernel,
+    SimpleCoordAttn,
     SpatialAttention,
     SpatialTransformer,
+    SplitAttention,
     SqueezeExcite,
+    StripAttn,
     TorchBatchNorm,
     affine_grid,
     create_attention,
@@ -32,8 +43,11 @@ from attention_flax import ops
 __version__ = "0.1.0"
 
 __all__ = [
-    "ATTENTIONS", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
+    "BottleneckAttn", "HaloAttn", "LambdaLayer",
+    "ATTENTIONS", "BAM", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
     "GlobalContext", "ResidualAttention", "ResidualUnit", "SpatialAttention",
-    "SpatialTransformer", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
+    "SpatialTransformer", "SplitAttention", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
     "grid_sample", "list_attentions", "make_divisible", "ops", "register_attention",
+    "SelectiveKernel",
+    "BilinearAttnTransform", "EfficientLocalAttn", "NonLocal", "SimpleCoordAttn", "StripAttn",
 ]

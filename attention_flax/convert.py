@@ -52,7 +52,9 @@ TIMM_MODELS: dict[str, str] = {
     name: name for name in (
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d",
         "seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152",
-        "ecaresnet50d", "cbam_resnet18", "cbam_resnet50")
+        "ecaresnet50d", "cbam_resnet18", "cbam_resnet50",
+        "resnest14d", "resnest26d", "resnest50d",
+        "skresnet18", "skresnet34", "skresnext50_32x4d")
 }
 
 _PARITY_EXTRA = "pip install 'attention_flax[parity]'"

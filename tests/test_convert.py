@@ -33,6 +33,10 @@ SUPPORTED = ["cbam_resnet18", "cbam_resnet50", "ecaresnet50d", "resnet101", "res
              "resnet18", "resnet34", "resnet50", "resnet50d", "seresnet101", "seresnet152",
              "seresnet18", "seresnet34", "seresnet50"]
 
+# timm families whose parity is tested in their own files (tests/models/test_resnest.py,
+# tests/models/test_sknet.py).
+OTHER_FAMILIES = ["resnest14d", "resnest26d", "resnest50d",
+                  "skresnet18", "skresnet34", "skresnext50_32x4d"]
 
 def build_timm(name: str):
   """A timm model; the CBAM ResNets are timm's ResNet with attn_layer="cbam"."""
@@ -78,7 +82,7 @@ def shape_only_state_dict(name: str) -> dict[str, np.ndarray]:
 
 
 def test_supported_names():
-  assert list_timm_models() == SUPPORTED
+  assert list_timm_models() == sorted(SUPPORTED + OTHER_FAMILIES)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

@@ -14,12 +14,18 @@ from typing import Callable
 
 from flax import linen as nn
 
+from attention_flax.layers.bam import BAM
 from attention_flax.layers.channel import ECA, EffectiveSE, GatherExcite, SqueezeExcite
 from attention_flax.layers.common import get_act, make_divisible
+from attention_flax.layers.coord_variants import EfficientLocalAttn, SimpleCoordAttn, StripAttn
 from attention_flax.layers.hybrid import CBAM, GlobalContext
+from attention_flax.layers.nonlocal_attn import BilinearAttnTransform, NonLocal
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
+from attention_flax.layers.self_attention import BottleneckAttn, HaloAttn, LambdaLayer
+from attention_flax.layers.selective import SelectiveKernel
 from attention_flax.layers.spatial import CoordAttention, SpatialAttention
+from attention_flax.layers.split import SplitAttention
 from attention_flax.layers.transformer import SpatialTransformer, affine_grid, grid_sample
 
 ATTENTIONS: dict[str, Callable[..., nn.Module]] = {}
@@ -88,10 +94,24 @@ register_attention("gca", functools.partial(GlobalContext, fuse="add"))
 register_attention("coord", CoordAttention)
 register_attention("residual", ResidualAttention)
 register_attention("stn", SpatialTransformer)
+register_attention("sk", SelectiveKernel)
+register_attention("nl", NonLocal)
+register_attention("bat", BilinearAttnTransform)
+register_attention("scoord", SimpleCoordAttn)
+register_attention("ela", EfficientLocalAttn)
+register_attention("strip", StripAttn)
+register_attention("bottleneck", BottleneckAttn)
+register_attention("halo", HaloAttn)
+register_attention("lambda", LambdaLayer)
+register_attention("bam", BAM)
+register_attention("splat", SplitAttention)
 
 __all__ = [
-    "ATTENTIONS", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
+    "BottleneckAttn", "HaloAttn", "LambdaLayer",
+    "ATTENTIONS", "BAM", "CBAM", "CoordAttention", "ECA", "EffectiveSE", "GatherExcite",
     "GlobalContext", "ResidualAttention", "ResidualUnit", "SpatialAttention",
-    "SpatialTransformer", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
+    "SpatialTransformer", "SplitAttention", "SqueezeExcite", "TorchBatchNorm", "affine_grid", "create_attention",
     "get_act", "grid_sample", "list_attentions", "make_divisible", "register_attention",
+    "SelectiveKernel",
+    "BilinearAttnTransform", "EfficientLocalAttn", "NonLocal", "SimpleCoordAttn", "StripAttn",
 ]

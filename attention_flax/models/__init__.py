@@ -22,7 +22,9 @@ from flax import linen as nn
 
 from attention_flax import sampling
 from attention_flax.layers import ATTENTIONS
-from attention_flax.models import residual_attention, resnet, stn
+from attention_flax.models import residual_attention, resnet, sknet, stn
+from attention_flax.models import bam_resnet
+from attention_flax.models import resnest
 from attention_flax.models.common import ModelEntry, plain_tail
 from attention_flax.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -37,7 +39,10 @@ def _merge(*tables: Mapping[str, ModelEntry]) -> dict[str, ModelEntry]:
   return merged
 
 
-MODELS: dict[str, ModelEntry] = _merge(resnet.MODELS, residual_attention.MODELS, stn.MODELS)
+MODELS: dict[str, ModelEntry] = _merge(resnet.MODELS, residual_attention.MODELS, stn.MODELS,
+                                        resnest.MODELS,
+                                        sknet.MODELS,
+                                        bam_resnet.MODELS)
 
 
 def list_models(pattern: str = "*", include_test: bool = False) -> list[str]:

@@ -32,6 +32,21 @@ CASES: dict[str, tuple[dict, tuple[int, int, int, int], set[str]]] = {
     "lcbam": ({}, (2, 9, 7, 32), {"channel_gate", "spatial_mask"}),
     "gca": ({}, (2, 5, 7, 16), {"context_weights"}),
     "stn": ({}, (2, 28, 28, 1), {"stn_theta", "stn_output"}),
+    "nl": ({}, (2, 5, 7, 16), {"nl_attention"}),
+    # H and W multiples of BAT's block_size (7); no channel dropout, which needs an rng.
+    "bat": ({"drop_rate": 0.0}, (2, 14, 7, 32), {"bat_transforms"}),
+    "scoord": ({}, (2, 5, 7, 16), {"coord_mask"}),
+    "ela": ({}, (2, 5, 7, 16), {"coord_gate_h", "coord_gate_w"}),
+    "strip": ({}, (2, 5, 7, 16), {"coord_mask"}),
+    # BoTNet's tables fix the map size: taken from the input at init (feat_size=None).
+    "bottleneck": ({}, (2, 6, 5, 16), {"pixel_attention"}),
+    # HaloNet needs H and W multiples of block_size.
+    "halo": ({"block_size": 4, "halo_size": 1, "num_heads": 4}, (2, 8, 8, 16),
+             {"window_attention"}),
+    "lambda": ({}, (2, 7, 6, 16), {"key_weights"}),
+    "sk": ({}, (2, 5, 7, 16), {"branch_weights"}),
+    "bam": ({}, (2, 9, 7, 32), {"bam_mask", "bam_channel", "bam_spatial"}),
+    "splat": ({}, (2, 5, 7, 16), {"radix_weights"}),
 }
 
 

@@ -13,13 +13,17 @@ from flax.core import FrozenDict
 from attention_flax.models import (
     MODELS, ModelEntry, count_params, create_model, flops, list_models, model_info,
     residual_attention, resnet, stn)
+from attention_flax.models import resnest
+from attention_flax.models import bam_resnet
+from attention_flax.models import sknet
 from attention_flax.models.__main__ import main
 
 KEY = jax.random.key(0, impl="rbg")
 
 
 def test_registry_merges_every_family_without_overwriting():
-  families = (resnet.MODELS, residual_attention.MODELS, stn.MODELS)
+  families = (resnet.MODELS, residual_attention.MODELS, stn.MODELS, resnest.MODELS,
+              bam_resnet.MODELS, sknet.MODELS)
   for family in families:
     assert set(family) <= set(MODELS)
   assert len(MODELS) == sum(len(family) for family in families)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers import create_attention
+from attention_flax.layers import ATTENTIONS, create_attention
 from attention_flax.layers.common import check_images, get_act, he_normal
 from attention_flax.layers.norm import TorchBatchNorm, at_least_float32, batch_norm
 from attention_flax.models.common import ModelEntry, check_model_images
@@ -85,6 +85,15 @@ def avg_pool_2x2_ceil(x: Array, stride: int = 2) -> Array:
       ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
   counts = jnp.asarray(np.outer(count_h, count_w), x.dtype)
   return sums / counts[None, :, :, None]
+
+
+def _fields_of(attn: str | Callable[..., nn.Module]) -> set[str] | None:
+  """The dataclass fields of a registered name or module factory; None when unknown."""
+  factory = ATTENTIONS.get(attn.lower()) if isinstance(attn, str) else attn
+  while isinstance(factory, functools.partial):
+    factory = factory.func
+  fields = getattr(factory, "__dataclass_fields__", None)
+  return set(fields) if fields is not None else None
 
 
 def shortcut(x: Array, features: int, strides: int, down: str, conv: ModuleDef,
@@ -236,6 +245,11 @@ class ResNet(nn.Module):
     num_classes: logits of the ``fc`` head.
     zero_init_last: zero-initialise the last BN scale of every block (timm's default).
     tail: the end of every block (see :class:`ResidualBlock`); None: the block's default.
+    stage_attn, stage_attn_kwargs, stage_attn_after: an attention module between stages
+      (BAM's placement, Park et al. 2018): the output of stage i (from 1) passes through
+      the child ``bam{i}`` (the BAM authors' name), built as ``stage_attn`` with
+      ``stage_attn_kwargs`` and, where it has such fields, the model's ``conv``, ``norm``
+      and dtypes, for each i in ``stage_attn_after``; None adds nothing.
     bn_momentum, bn_epsilon: Flax convention (0.9 == PyTorch's momentum 0.1).
     conv, norm, act: layer factories injected into stem and blocks. ``conv`` has
       ``flax.linen.Conv``'s signature (the default :data:`attention_flax.ops.conv` gives
@@ -263,6 +277,9 @@ class ResNet(nn.Module):
   act: str | Callable[[Array], Array] = "relu"
   pool: Callable[..., Array] = ops.max_pool
   tail: Callable[..., Array] | None = None
+  stage_attn: str | Callable[..., nn.Module] | None = None
+  stage_attn_kwargs: Mapping[str, Any] | None = None
+  stage_attn_after: Sequence[int] = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -282,7 +299,21 @@ class ResNet(nn.Module):
                       f"'expansion' attribute; got {self.block!r}.")
     if self.num_classes < 1:
       raise ValueError(f"num_classes must be >= 1, got {self.num_classes}.")
+    after = tuple(self.stage_attn_after)
+    if any(not isinstance(i, int) or not 1 <= i <= len(sizes) for i in after):
+      raise ValueError(f"stage_attn_after names stages from 1 to {len(sizes)}; got {after}. "
+                       "BAM's placement is after every stage but the last: (1, 2, 3).")
     return down
+
+  def _stage_module(self, index: int, norm: ModuleDef) -> nn.Module:
+    """The attention module after stage ``index`` (see ``stage_attn``)."""
+    kwargs = {"conv": self.conv, "norm": norm, "dtype": self.dtype,
+              "param_dtype": self.param_dtype}
+    fields = _fields_of(self.stage_attn)
+    if fields is not None:  # only the fields it has: a channel gate has no conv or norm
+      kwargs = {k: v for k, v in kwargs.items() if k in fields}
+    kwargs.update(self.stage_attn_kwargs or {})
+    return create_attention(self.stage_attn, name=f"bam{index}", **kwargs)
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -322,6 +353,8 @@ class ResNet(nn.Module):
             act=self.act, tail=self.tail, dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=f"layer{i + 1}_{j}")(x, train=train)
+      if self.stage_attn is not None and i + 1 in tuple(self.stage_attn_after):
+        x = self._stage_module(i + 1, block_norm)(x, train=train)
       self.sow("intermediates", f"stage{i + 1}", x)
 
     x = jnp.mean(x, axis=(1, 2))

@@ -39,6 +39,7 @@ from attention_flax.layers import (
     register_attention,
 )
 from attention_flax import ops
+from attention_flax.glimpses import extract_glimpses
 
 __version__ = "0.1.0"
 
@@ -50,4 +51,5 @@ __all__ = [
     "grid_sample", "list_attentions", "make_divisible", "ops", "register_attention",
     "SelectiveKernel",
     "BilinearAttnTransform", "EfficientLocalAttn", "NonLocal", "SimpleCoordAttn", "StripAttn",
+    "extract_glimpses",
 ]

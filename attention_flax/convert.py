@@ -5,7 +5,8 @@ https://github.com/huggingface/pytorch-image-models): He et al., "Deep Residual 
 for Image Recognition", https://arxiv.org/abs/1512.03385, with SE
 (https://arxiv.org/abs/1709.01507), ECA (https://arxiv.org/abs/1910.03151) or CBAM
 (https://arxiv.org/abs/1807.06521) blocks and the ResNet-D tricks
-(https://arxiv.org/abs/1812.01187).
+(https://arxiv.org/abs/1812.01187); timm's self-attention ResNets (BoTNet, HaloNet,
+Lambda-ResNet: :mod:`attention_flax.models.byoanet`) convert by the same rules.
 
 ``from_timm(name, state_dict)`` maps every tensor of a timm state dict onto the variable
 tree of the matching Flax model, which it builds without running it
@@ -20,7 +21,10 @@ How names and layouts map (timm key -> Flax path):
   ``downsample.1`` -> ``downsample_1``); CBAM's spatial ``conv.conv``/``conv.bn`` are
   ``spatial/conv``/``spatial/bn``.
 * convolution ``weight`` (O, I, kh, kw) -> ``kernel`` (kh, kw, I, O); ECA's ``Conv1d``
-  weight (1, 1, k) -> ``kernel`` (k, 1, 1).
+  weight (1, 1, k) -> ``kernel`` (k, 1, 1); the lambda layer's ``Conv3d`` weight
+  (O, 1, r, r, 1) -> ``kernel`` (r, r, 1, O).
+* the self-attention layers' position tables (``height_rel``, ``width_rel``, ``pos_emb``)
+  copy unchanged; the self-attention ResNets' classifier is ``head.fc`` (``head/fc``).
 * 1x1 convolutions of the attention layers (O, I, 1, 1) and the classifier ``fc.weight``
   (O, I) -> ``nn.Dense`` ``kernel`` (I, O).
 * BatchNorm ``weight``/``bias`` -> params ``scale``/``bias``; ``running_mean``/
@@ -34,7 +38,9 @@ it by default, so that training continues with PyTorch's running-variance rule e
 from __future__ import annotations
 
 import functools
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -44,7 +50,7 @@ import numpy as np
 from flax import linen as nn
 
 from attention_flax.layers.norm import TorchBatchNorm
-from attention_flax.models import create_model
+from attention_flax.models import create_model, model_info
 
 # timm model name -> registered Flax model. CBAM ResNets are timm's ``ResNet`` with
 # ``block_args=dict(attn_layer="cbam")`` (timm registers no pretrained CBAM ResNet).
@@ -54,13 +60,12 @@ TIMM_MODELS: dict[str, str] = {
         "seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152",
         "ecaresnet50d", "cbam_resnet18", "cbam_resnet50",
         "resnest14d", "resnest26d", "resnest50d",
-        "skresnet18", "skresnet34", "skresnext50_32x4d")
+        "skresnet18", "skresnet34", "skresnext50_32x4d",
+        "botnet26t_256", "halonet26t", "lambda_resnet26t")
 }
 
 _PARITY_EXTRA = "pip install 'attention_flax[parity]'"
 _INDEXED = re.compile(r"([A-Za-z]+\d*)_(\d+)")
-# Abstract shapes do not depend on the image size; a small one keeps tracing cheap.
-_TRACE_INPUT = (1, 64, 64, 3)
 
 
 def list_timm_models() -> list[str]:
@@ -104,7 +109,9 @@ def _timm_key(path: tuple[str, ...]) -> str:
   if collection == "batch_stats":
     tail = {"mean": "running_mean", "var": "running_var"}[leaf]
   else:
-    tail = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    # Position tables of the self-attention layers keep their names.
+    tail = {"kernel": "weight", "scale": "weight", "bias": "bias", "height_rel": "height_rel",
+            "width_rel": "width_rel", "pos_emb": "pos_emb"}[leaf]
   return ".".join(names + [tail])
 
 
@@ -134,7 +141,8 @@ def _to_flax(tensor: np.ndarray, flax_shape: tuple[int, ...], leaf: str) -> np.n
 
 
 def _num_classes(state: Mapping[str, np.ndarray]) -> int:
-  weight = state.get("fc.weight")
+  # timm's ResNets keep the classifier in "fc", its ByobNet family in "head.fc".
+  weight = state.get("fc.weight", state.get("head.fc.weight"))
   if weight is None or weight.ndim != 2:
     raise ValueError(
         "Cannot infer num_classes: the state dict needs a classifier 'fc.weight' of shape "
@@ -202,6 +210,8 @@ def convert_variables(abstract: Mapping[str, Any], state_dict: Mapping[str, Any]
     leaf = path[-1]
     want = _torch_shape(tuple(target.shape), leaf, path[1:-1] in linear)
     tensor = state[key]
+    if leaf == "kernel" and len(want) == 4 and tensor.shape == want + (1,):
+      tensor = tensor[..., 0]  # a Conv3d (O, I, kh, kw, 1) that is a 2-D conv (lambda's)
     if tuple(tensor.shape) != want:
       misshaped.append(f"{key}: expected {want}, got {tuple(tensor.shape)}")
       continue
@@ -220,6 +230,18 @@ def convert_variables(abstract: Mapping[str, Any], state_dict: Mapping[str, Any]
     raise ValueError(f"State dict does not fit {what} -- " + " | ".join(problems)
                      + ". Check that the weights belong to this architecture.")
   return _unflatten(converted)
+
+
+def _strip_wrapper(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+  """``state_dict`` without the ``module.`` (``nn.DataParallel``) or ``_orig_mod.``
+  (``torch.compile``) prefix that every key of a wrapped model's state dict carries; a
+  warning names the prefix removed."""
+  for prefix in ("module.", "_orig_mod."):
+    if state_dict and all(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
+      warnings.warn(f"Every state dict key starts with {prefix!r} (a wrapped model's "
+                    "state dict); the prefix was removed.", stacklevel=3)
+      return _strip_wrapper({k[len(prefix):]: v for k, v in state_dict.items()})
+  return state_dict
 
 
 def from_timm(name: str, state_dict: Mapping[str, Any], **overrides: Any
@@ -244,31 +266,35 @@ def from_timm(name: str, state_dict: Mapping[str, Any], **overrides: Any
   if not isinstance(state_dict, Mapping):
     raise TypeError(f"state_dict must be a mapping of names to arrays, got "
                     f"{type(state_dict).__name__}.")
-  state = {k: _to_numpy(v, k) for k, v in state_dict.items()
+  state = {k: _to_numpy(v, k) for k, v in _strip_wrapper(state_dict).items()
            if not k.endswith("num_batches_tracked")}  # converted once, up front
   if "num_classes" in overrides:
     raise ValueError("num_classes is read from 'fc.weight'; do not pass it.")
   overrides.setdefault("norm", TorchBatchNorm)
   model = create_model(model_name, num_classes=_num_classes(state), **overrides)
-  return model, convert_variables(_abstract_variables(model), state, linear=(("fc",),),
+  size = model_info(model_name).input_size  # valid for every model (fixed-size ones too)
+  abstract = _abstract_variables(model, (1, size, size, 3))
+  return model, convert_variables(abstract, state, linear=(("fc",), ("head", "fc")),
                                   what=f"timm {model_name!r}")
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_abstract_variables(model: nn.Module) -> dict[str, Any]:
+def _cached_abstract_variables(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
   return jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                        jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32))
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
-def _abstract_variables(model: nn.Module) -> dict[str, Any]:
-  """The variable shapes of ``model``, traced once per distinct model (tracing a
-  ResNet-152 takes seconds; the result is a small tree of ``ShapeDtypeStruct``s)."""
+def _abstract_variables(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+  """The variable shapes of ``model`` on an input of ``shape``, traced once per distinct
+  model (tracing a ResNet-152 takes seconds; the result is a small tree of
+  ``ShapeDtypeStruct``s). The shape must be one the model takes: BoTNet's position tables
+  are sized by it, HaloNet needs multiples of its blocks."""
   try:
     hash(model)
   except TypeError:  # an unhashable field (e.g. an attn_kwargs dict): trace every time
     return jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct(_TRACE_INPUT, jnp.float32))
-  return _cached_abstract_variables(model)
+                          jax.ShapeDtypeStruct(shape, jnp.float32))
+  return _cached_abstract_variables(model, shape)
 
 
 def _widen_to_numpy(value: jax.Array) -> np.ndarray:
@@ -277,6 +303,11 @@ def _widen_to_numpy(value: jax.Array) -> np.ndarray:
       np.float16, np.float32, np.float64):
     value = value.astype(jnp.float32)
   return np.asarray(value)
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+  text = " ".join(str(err).split()) or type(err).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
@@ -288,12 +319,18 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
       raise ImportError(f"Reading .safetensors needs the safetensors package: "
                         f"{_PARITY_EXTRA}.") from err
     try:
-      return st_numpy.load_file(str(path))
-    except TypeError:
-      # numpy has no bfloat16 (nor float8): such files are read as JAX arrays, which have
-      # these types, and widened to float32 as the torch path does.
-      from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
-      return {k: _widen_to_numpy(v) for k, v in st_flax.load_file(str(path)).items()}
+      try:
+        return st_numpy.load_file(str(path))
+      except TypeError:
+        # numpy has no bfloat16 (nor float8): such files are read as JAX arrays, which have
+        # these types, and widened to float32 as the torch path does.
+        from safetensors import flax as st_flax  # pylint: disable=import-outside-toplevel
+        return {k: _widen_to_numpy(v) for k, v in st_flax.load_file(str(path)).items()}
+    except (FileNotFoundError, ImportError):
+      raise
+    except Exception as err:  # safetensors' own SafetensorError, or an OSError
+      raise ValueError(f"Cannot read {str(path)!r} as .safetensors ({_one_line(err)}): the "
+                       "file is cut short or not a safetensors file; download it again.") from err
   if suffix in (".pth", ".pt", ".bin"):
     try:
       import torch  # pylint: disable=import-outside-toplevel
@@ -301,7 +338,22 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
       raise ImportError(f"Reading PyTorch {suffix} files needs torch: {_PARITY_EXTRA} "
                         "(or convert the file to .safetensors).") from err
     # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+      state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+      raise
+    except pickle.UnpicklingError as err:  # an object other than tensors and containers
+      found = re.search(r"GLOBAL ([\w.]+)", str(err))
+      raise ValueError(
+          f"{str(path)!r} is not a state dict: it pickles "
+          f"{found.group(1) if found else 'a Python object'}, which torch.load("
+          "weights_only=True) refuses to run. If it is a whole model saved with "
+          "torch.save(model), save its weights instead: torch.save(model.state_dict(), "
+          "PATH).") from err
+    except Exception as err:  # a truncated or foreign file: torch raises many types
+      raise ValueError(f"Cannot read {str(path)!r} as a PyTorch file ({_one_line(err)}): "
+                       "the file is cut short or not a torch.save file; download it "
+                       "again.") from err
     for wrapper in ("state_dict", "model"):
       if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
         state = state[wrapper]
@@ -327,7 +379,11 @@ def load_pretrained(name: str, path: str | Path, **overrides: Any
   if not path.is_file():
     raise FileNotFoundError(f"No weights file at {str(path)!r}; download it first "
                             "(this library never fetches files).")
-  return from_timm(name, _read_state_dict(path), **overrides)
+  state_dict = _read_state_dict(path)
+  try:
+    return from_timm(name, state_dict, **overrides)
+  except (ValueError, TypeError) as err:  # name the file: the user may hold several
+    raise type(err)(f"{str(path)!r}: {err}") from err
 
 
 __all__ = ["TIMM_MODELS", "convert_variables", "from_timm", "list_timm_models", "load_pretrained"]

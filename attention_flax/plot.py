@@ -1,4 +1,5 @@
-"""Figures of attention: mask overlays, channel-gate strips, STN panels, Grad-CAM.
+"""Figures of attention: mask overlays, channel-gate strips, STN panels, Grad-CAM, branch
+weights and where query pixels attend.
 
 Channel-gate strips follow the analysis of SENet (Hu et al. 2018, Fig. 6,
 https://arxiv.org/abs/1709.01507): the average gate per class shows which channels each
@@ -315,6 +316,83 @@ def plot_grad_cam(images: Any, cams: Any, *, labels: Sequence[int] | None = None
   return save(fig, path)
 
 
+def plot_branch_weights(weights: Mapping[str, Any], *, image: int = 0,
+                        path: str | None = None) -> Figure:
+  """Per-channel branch weights of one image: one heat map (branches x channels) per module.
+
+  Args:
+    weights: {path: (N, P, C)}, e.g. the "branch_weights" maps (Selective Kernel's
+      weights of its P kernels, split attention's of its radix splits; each column sums
+      to one over the P branches for a softmax over them).
+    image: which image of the N is drawn.
+  """
+  if not weights:
+    raise ValueError("plot_branch_weights needs at least one map; weights is empty.")
+  names = list(weights)
+  fig = new_figure(6.0, 1.1 * len(names) + 0.5)
+  axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
+  shown = None
+  for ax, name in zip(axes, names):
+    w = np.asarray(weights[name], np.float32)
+    if w.ndim != 3 or not 0 <= image < len(w):
+      raise ValueError(f"plot_branch_weights expects (N, P, C) weights and 0 <= image < N; "
+                       f"got shape {w.shape} for {name!r} and image={image}.")
+    shown = ax.imshow(w[image], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+    ax.set_title(f"{path_title(name, 60)} (image {image})", fontsize=7)
+    ax.set_ylabel("branch", fontsize=6)
+    ax.set_yticks(range(w.shape[1]))
+    ax.tick_params(labelsize=5)
+  axes[-1].set_xlabel("channel", fontsize=6)
+  fig.subplots_adjust(left=0.08, right=0.88, bottom=0.12, top=0.9, hspace=1.0)
+  fig.colorbar(shown, cax=fig.add_axes([0.9, 0.12, 0.015, 0.78])).ax.tick_params(labelsize=5)
+  return save(fig, path)
+
+
+def plot_pixel_attention(images: Any, views: Mapping[str, tuple[Any, Any]], *,
+                         image: int = 0, alpha: float = 0.6,
+                         path: str | None = None) -> Figure:
+  """Where query pixels attend, over one image: a row per module, a column per query.
+
+  Args:
+    images: (N, H, W, C) inputs.
+    views: {path: (queries, weights)} from ``inspect.pixel_views``: queries (P, 2) (qy, qx)
+      on an h x w grid, weights (N, P, h, w). Each map is divided by its maximum (softmax
+      rows are small) and upsampled over the image; a cross marks the query pixel.
+    image: which image of the N is drawn.
+  """
+  x = _images(images, "plot_pixel_attention")
+  if not views:
+    raise ValueError("plot_pixel_attention needs at least one map; views is empty.")
+  cols = max(len(np.asarray(q)) for q, _ in views.values())
+  titles = [path_title(name) for name in views]
+  top = _title_height(titles)
+  fig = new_figure(CELL * (cols + 1), CELL * len(views) + top)
+  axes = fig.subplots(len(views), cols + 1, squeeze=False)
+  height, width = x.shape[1:3]
+  for row, (title, (queries, weights)) in enumerate(zip(titles, views.values())):
+    queries, w = np.asarray(queries), np.asarray(weights, np.float32)[image]
+    # Pixel centres of the h x w grid in input pixels.
+    ys = (queries[:, 0] + 0.5) * height / w.shape[1] - 0.5
+    xs = (queries[:, 1] + 0.5) * width / w.shape[2] - 0.5
+    peak = w.max(axis=(1, 2), keepdims=True)
+    up = upsample(np.where(peak > 0, w / np.where(peak > 0, peak, 1.0), 0.0), (height, width))
+    _show(axes[row, 0], x[image], title)
+    axes[row, 0].plot(xs, ys, "w+", ms=6, mew=1.5)
+    for col in range(cols):
+      ax = axes[row, col + 1]
+      if col >= len(queries):
+        ax.set_axis_off()
+        continue
+      _show(ax, x[image], f"query ({queries[col, 0]}, {queries[col, 1]})" if row == 0 else None)
+      ax.imshow(up[col], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+      ax.plot([xs[col]], [ys[col]], "w+", ms=8, mew=2.0)
+  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02,
+                      top=1 - top / (CELL * len(views) + top), wspace=0.05, hspace=0.3)
+  return save(fig, path)
+
+
 __all__ = ["class_means", "display", "gate_matrix", "grid_pixels", "new_figure",
-           "path_title", "plot_channel_gates", "plot_grad_cam", "plot_overlays", "plot_stn",
-           "save", "to_palette", "upsample"]
+           "path_title", "plot_branch_weights", "plot_channel_gates", "plot_grad_cam",
+           "plot_overlays", "plot_pixel_attention", "plot_stn", "save", "to_palette",
+           "upsample"]

@@ -9,11 +9,16 @@ on tfds mock data, so every config can be exercised without a dataset or an acce
 Keys (beyond the data block, documented in ``data_config``):
   model, model_kwargs: registry name and the overrides passed to ``create_model``; on the
     command line ``--config.model_kwargs.KEY=VALUE``, KEY one of the model's fields.
-  compare_with: a second registry name trained after ``model`` with the same settings
-    (into ``workdir/baseline``); both test accuracies are reported. "" = none.
+  compare_with: models trained after ``model`` with the same settings, comma-separated,
+    each ``name`` or ``name:key=value;key=value`` (its own model_kwargs); one entry trains
+    into ``workdir/baseline``, several into ``workdir/compared/<entry>``; every test
+    accuracy is reported. "" = none.
   batch_size, eval_batch_size: global batch sizes (split over processes and devices).
   num_epochs, num_train_steps: training length; ``num_train_steps > 0`` wins.
   optimizer ("sgd" | "adamw"), learning_rate, momentum, nesterov, weight_decay, b1, b2.
+  weight_decay_on: "kernels" (convolution and dense kernels only; biases and norm
+    parameters never decay) or "all" (every parameter, as torch.optim.SGD / AdamW given
+    ``model.parameters()``).
   schedule ("constant" | "step" | "cosine"), warmup_epochs, decay_epochs, decay_steps
     (non-empty wins over decay_epochs; papers that count iterations use it), decay_factor.
   label_smoothing, grad_clip_norm (0 = off), half_precision (bf16 compute, f32 params).
@@ -53,7 +58,18 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
   the jitted step; float images, such as the embedded digits, are normalised on the host),
   augment_on_device (False; True: images travel at their stored size and are resized,
   cropped, flipped and normalised in the jitted step, ``train.device_augment``: for
-  accelerators fed from few host cores, with sources of one stored image size).
+  accelerators fed from few host cores, with sources of one stored image size),
+  max_rotation, scale_range, clutter, clutter_size, digit_size, train_copies, eval_copies
+  (distorted digits: ``train.datasets.distort_digits``; None keeps the default; e.g.
+  max_rotation=0.0, scale_range=(1.0, 1.0) and clutter=0 place each digit by translation
+  only, as RAM's translated MNIST),
+  check_files (image folders: files decoded when the run starts, spread over each split;
+  1000, -1 = all, 0 = none), skip_bad_files (False: a file that does not decode stops the
+  run naming it; True: it is left out, or mid-epoch replaced by the next readable file,
+  and counted in results.json's "bad_files"), cache (False; True: each split of an image
+  folder or tfds dataset is decoded once into memory as uint8 and read from there every
+  epoch; images of one size), cache_max_gb (the cache's limit per split in GiB; 0 = half
+  the memory available).
   """
   data = ml_collections.ConfigDict({
       "name": name,
@@ -75,6 +91,18 @@ def data_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
       "seed": 0,
       "normalize_on_device": True,
       "augment_on_device": False,
+      # distorted_digits only; None = train.datasets.DISTORTION_DEFAULTS.
+      "max_rotation": config_dict.placeholder(float),
+      "scale_range": config_dict.placeholder(tuple),
+      "clutter": config_dict.placeholder(int),
+      "clutter_size": config_dict.placeholder(int),
+      "digit_size": config_dict.placeholder(int),
+      "train_copies": config_dict.placeholder(int),
+      "eval_copies": config_dict.placeholder(int),
+      "check_files": 1000,
+      "skip_bad_files": False,
+      "cache": False,
+      "cache_max_gb": 0.0,
   })
   for key, value in overrides.items():
     if key == "augment":
@@ -103,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
+  config.weight_decay_on = "kernels"
   config.b1 = 0.9
   config.b2 = 0.999
 

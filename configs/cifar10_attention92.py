@@ -8,6 +8,10 @@ Paper setting (sec. 4.1): Nesterov SGD, momentum 0.9, weight decay 1e-4, mini-ba
 learning rate 0.1 divided by 10 at 64k and 96k iterations, training stopped at 160k;
 augmentation: 4-pixel zero padding, random 32x32 crop, horizontal flip, per-channel
 normalisation. Published: Attention-92 1.9M parameters, 4.99% CIFAR-10 error (Table 5).
+
+Convention: already PyTorch's usual one: pre-activation residual units whose shortcut is a
+1x1 convolution when the shape changes, and no batch norm starting at scale 0; so this
+config has no ``:torch_like`` argument (the CIFAR ResNet configs do).
 """
 
 from __future__ import annotations

@@ -34,9 +34,10 @@ SUPPORTED = ["cbam_resnet18", "cbam_resnet50", "ecaresnet50d", "resnet101", "res
              "seresnet18", "seresnet34", "seresnet50"]
 
 # timm families whose parity is tested in their own files (tests/models/test_resnest.py,
-# tests/models/test_sknet.py).
+# tests/models/test_sknet.py, tests/models/test_byoanet.py).
 OTHER_FAMILIES = ["resnest14d", "resnest26d", "resnest50d",
-                  "skresnet18", "skresnet34", "skresnext50_32x4d"]
+                  "skresnet18", "skresnet34", "skresnext50_32x4d",
+                  "botnet26t_256", "halonet26t", "lambda_resnet26t"]
 
 def build_timm(name: str):
   """A timm model; the CBAM ResNets are timm's ResNet with attn_layer="cbam"."""

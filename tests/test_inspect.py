@@ -15,9 +15,11 @@ import pytest
 from flax import linen as nn
 
 import attention_flax
+from attention_flax import grad_cam as gc
 from attention_flax import inspect as ins
 from attention_flax import models
-from attention_flax.layers import CBAM, ResidualAttention, SqueezeExcite
+from attention_flax.layers import (CBAM, NonLocal, ResidualAttention, SelectiveKernel,
+                                   SplitAttention, SqueezeExcite)
 from attention_flax.layers.hybrid import CBAMChannel
 
 
@@ -158,8 +160,8 @@ def _quadrant_case():
 
 def test_grad_cam_peaks_in_the_region_the_logit_reads():
   model, variables, x = _quadrant_case()
-  cam0 = np.asarray(ins.grad_cam(model, variables, x, "features", target=0))
-  cam1 = np.asarray(ins.grad_cam(model, variables, x, "features", target=1))
+  cam0 = np.asarray(gc.grad_cam(model, variables, x, "features", target=0))
+  cam1 = np.asarray(gc.grad_cam(model, variables, x, "features", target=1))
   assert cam0.shape == (1, 8, 8) and cam0.max() == 1.0 and cam0.min() >= 0.0
   assert np.unravel_index(cam0[0].argmax(), (8, 8))[0] < 4
   assert np.unravel_index(cam0[0].argmax(), (8, 8))[1] < 4
@@ -169,13 +171,13 @@ def test_grad_cam_peaks_in_the_region_the_logit_reads():
   expected = np.maximum(np.asarray(x)[..., 0], 0.0) / 2.0
   np.testing.assert_allclose(cam0, expected, atol=1e-6)
   # Default target: the top logit (logit 0 = 2.0 * 4 / 4 = 2 > logit 1 = 1).
-  np.testing.assert_array_equal(ins.grad_cam(model, variables, x, "features"), cam0)
+  np.testing.assert_array_equal(gc.grad_cam(model, variables, x, "features"), cam0)
 
 
 def test_grad_cam_negative_evidence_gives_zero_not_nan():
   model, variables, x = _quadrant_case()
   x = jnp.abs(x)  # A_0 >= 0 everywhere, and logit 2 only decreases with it
-  cam2 = np.asarray(ins.grad_cam(model, variables, x, "features", target=2))
+  cam2 = np.asarray(gc.grad_cam(model, variables, x, "features", target=2))
   assert np.all(cam2 == 0.0)
 
 
@@ -183,10 +185,10 @@ def test_grad_cam_equals_cam_for_a_pooled_linear_head():
   # ResNet: logits = fc(mean_hw(A)), so dy_k/dA = W[:, k] / (h w) everywhere and
   # Grad-CAM reduces to CAM (Zhou et al. 2016): relu(A @ W[:, k]) up to scale.
   model, variables, x = built("test_resnet_tiny_se")
-  cam = ins.grad_cam(model, variables, x, "stage2", target=3)
+  cam = gc.grad_cam(model, variables, x, "stage2", target=3)
   a = ins.features(model, variables, x)["stage2"]
   kernel = variables["params"]["fc"]["kernel"]
-  by_hand = ins.cam_from_gradients(a, jnp.broadcast_to(kernel[:, 3], a.shape), (32, 32))
+  by_hand = gc.cam_from_gradients(a, jnp.broadcast_to(kernel[:, 3], a.shape), (32, 32))
   chex.assert_trees_all_close(cam, by_hand, atol=1e-5)
   assert cam.shape == (2, 32, 32)
 
@@ -194,25 +196,25 @@ def test_grad_cam_equals_cam_for_a_pooled_linear_head():
 def test_grad_cam_on_a_stage_read_by_a_flattening_head():
   # DigitsCNN flattens stage2 into its Dense head: dy_k/dA[h, w, c] = kernel[(h, w, c), k].
   model, variables, x = built("stn_cnn_tiny")
-  cam = ins.grad_cam(model, variables, x, "stage2", target=np.array([1, 7]))
+  cam = gc.grad_cam(model, variables, x, "stage2", target=np.array([1, 7]))
   a = ins.features(model, variables, x)["backbone/stage2"]
   kernel = variables["params"]["backbone"]["head"]["kernel"]
   grads = jnp.stack([kernel[:, 1].reshape(a.shape[1:]), kernel[:, 7].reshape(a.shape[1:])])
-  chex.assert_trees_all_close(cam, ins.cam_from_gradients(a, grads, (24, 24)), atol=1e-5)
+  chex.assert_trees_all_close(cam, gc.cam_from_gradients(a, grads, (24, 24)), atol=1e-5)
 
 
 def test_grad_cam_errors_name_the_fix():
   model, variables, x = built("test_resnet_tiny_se")
   with pytest.raises(ValueError, match="Unknown layer 'stage9'"):
-    ins.grad_cam(model, variables, x, "stage9")
+    gc.grad_cam(model, variables, x, "stage9")
   with pytest.raises(ValueError, match="NHWC"):
     ins.attention_maps(model, variables, x[0])
   with pytest.raises(ValueError, match=r"channels-first.*transpose\(0, 2, 3, 1\)"):
-    ins.grad_cam(model, variables, jnp.zeros((2, 3, 24, 24)), "stage2")
+    gc.grad_cam(model, variables, jnp.zeros((2, 3, 24, 24)), "stage2")
   with pytest.raises(TypeError, match="params"):
     ins.features(model, {"weights": 1}, x)
   with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
-    ins.grad_cam(model, variables, x, "stage2", target=10)
+    gc.grad_cam(model, variables, x, "stage2", target=10)
 
 
 def test_channel_views_rank_channels_by_spatial_spread():
@@ -257,9 +259,13 @@ def test_map_kinds_come_from_the_layers_declarations():
     declared = ins.declared_maps(factory)
     assert declared, name
     assert set(declared) <= set(kinds), name
-  # Kinds outside the vocabulary are the layers' own, drawn by shape where they can be.
+  # The newer layers' kinds have views of their own; kinds outside the vocabulary are the
+  # layers' own, drawn by shape where they can be.
+  assert {"branch_weights", "pixel_attention"} <= set(kinds.values()) & set(ins.MAP_KINDS)
+  assert ins.KIND_VIEWS["branch_weights"] == "branches"
+  assert ins.KIND_VIEWS["pixel_attention"] == "pixel"
   own = {v for v in kinds.values()} - set(ins.MAP_KINDS)
-  assert own >= {"branch_weights", "pixel_attention"}
+  assert own >= {"block_transform", "channel_logits"}
   # CBAM declares what its children sow; the unregistered child declares its own.
   assert ins.declared_maps(CBAM) == {"channel_gate": "channel_gate",
                                      "spatial_mask": "spatial_mask"}
@@ -370,3 +376,76 @@ def test_view_of_the_vocabulary_does_not_depend_on_shape():
   np.testing.assert_array_equal(ins.spatial_views({"c": ctx})["c"], [[[0.0, 1.0], [0.0, 0.0]]])
   assert ins.PER_CHANNEL_KINDS == ("residual_mask", "gather_gate")
   assert set(ins.GATE_KINDS) <= set(ins.MAP_KINDS)
+
+
+class _Branches(nn.Module):
+  """Selective Kernel then split attention: both sow per-channel branch weights."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = SelectiveKernel(name="sk")(x, train)
+    return SplitAttention(name="splat")(x, train)
+
+
+def test_branch_weights_are_found_and_sum_to_one_over_the_branches():
+  model = _Branches()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 8))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  maps = jit_maps(model, variables, x)
+  branches = ins.by_view(maps, "branches")
+  # SK's weights are sown by its child `attn`.
+  assert list(branches) == ["sk/attn/branch_weights", "splat/radix_weights"]
+  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, x)
+  sown = state["intermediates"]
+  for key, value in (("sk/attn/branch_weights", sown["sk"]["attn"]["branch_weights"][0]),
+                     ("splat/radix_weights", sown["splat"]["radix_weights"][0])):
+    m = branches[key]
+    assert m.kind == "branch_weights" and m.value.shape == (2, 2, 8)
+    np.testing.assert_allclose(m.value, value, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(m.value).sum(axis=1), 1.0, rtol=1e-6)
+    assert np.ptp(np.asarray(m.value)) > 1e-3  # the weights differ between branches
+  assert ins.spatial_kinds(maps) == []  # no overlay of a (N, P, C) array
+
+
+def test_pixel_attention_is_the_softmax_of_theta_phi_by_hand():
+  model = NonLocal(rd_channels=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 8))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  with jax.default_matmul_precision("highest"):
+    maps = jit_maps(model, variables, x)
+    out = jax.jit(model.apply)(variables, x)
+  m = maps["nl_attention"]
+  assert m.kind == "pixel_attention" and ins.view_of(m) == "pixel"
+  p = jax.tree.map(np.asarray, variables["params"])
+  xs = np.asarray(x, np.float64).reshape(2, 12, 8)
+  theta = xs @ p["t"]["kernel"][0, 0] + p["t"]["bias"]
+  phi = xs @ p["p"]["kernel"][0, 0] + p["p"]["bias"]
+  scores = np.einsum("nqc,nkc->nqk", theta, phi) * 8 ** -0.5
+  expected = np.exp(scores - scores.max(-1, keepdims=True))
+  expected /= expected.sum(-1, keepdims=True)
+  np.testing.assert_allclose(m.value, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(m.value).sum(-1), 1.0, rtol=1e-6)
+  # Sowing leaves the output alone: a fresh block (zero BN scale) is the identity.
+  np.testing.assert_array_equal(out, x)
+  # The 12 positions are read as 3 x 4, the input's aspect (a 6 x 8 image, too).
+  grid = ins.attention_grid(m, (6, 8))
+  assert grid.shape == (2, 3, 4, 3, 4)
+  queries, weights = ins.pixel_views(maps, (3, 4))["nl_attention"]
+  # Centre (rounded half up) and corners.
+  np.testing.assert_array_equal(queries, [[1, 2], [0, 0], [0, 3], [2, 0], [2, 3]])
+  for i, (qy, qx) in enumerate(queries):
+    np.testing.assert_allclose(weights[:, i], expected[:, qy * 4 + qx].reshape(2, 3, 4),
+                               rtol=1e-5, atol=1e-6)
+  # BoTNet's layout (N, heads, H, W, H, W): the mean over heads.
+  six = ins.AttentionMap(jnp.asarray(np.random.default_rng(0).random((1, 2, 2, 3, 2, 3))),
+                         "pixel_attention", "b/pixel_attention")
+  np.testing.assert_allclose(ins.attention_grid(six, (4, 6)), np.asarray(six.value).mean(1),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="HW, HW"):
+    ins.attention_grid(ins.AttentionMap(jnp.ones((1, 4, 5)), "pixel_attention", "q"), (2, 2))
+
+
+def test_grad_cam_lives_in_its_own_module():
+  from attention_flax import grad_cam as grad_cam_module
+  assert callable(grad_cam_module.grad_cam) and callable(grad_cam_module.cam_from_gradients)
+  assert not hasattr(ins, "grad_cam")

@@ -152,3 +152,42 @@ def test_to_palette_keeps_the_picture_and_shrinks_the_file(tmp_path):
   assert os.path.getsize(path) < 0.6 * os.path.getsize(before)
   with pytest.raises(ValueError, match="colors <= 256"):
     plot.to_palette(path, colors=1000)
+
+
+def test_branch_weights_draw_the_chosen_images_weights(tmp_path):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 2, 8))
+  w = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+  weights = {"a/sk/attn/branch_weights": w, "b/splat/radix_weights": w[:, ::-1] * 0.5}
+  fig = plot.plot_branch_weights(weights, image=1, path=str(tmp_path / "b.png"))
+  size, pixels = _decode(tmp_path / "b.png")
+  assert size == _size(fig) and pixels.std() > 0
+  panels = [ax for ax in fig.axes if ax.images][:2]  # the colour bar comes last
+  for ax, value in zip(panels, weights.values()):
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), value[1])
+    assert ax.images[0].get_clim() == (0.0, 1.0)
+  with pytest.raises(ValueError, match="N, P, C"):
+    plot.plot_branch_weights({"x": w[0]})
+  with pytest.raises(ValueError, match="empty"):
+    plot.plot_branch_weights({})
+
+
+def test_pixel_attention_overlays_each_querys_row_scaled_to_its_peak(tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 8, 12, 3)).astype(np.float32)
+  weights = rng.random((2, 2, 4, 6)).astype(np.float32)
+  weights /= weights.sum(axis=(2, 3), keepdims=True)
+  queries = np.array([[2, 3], [0, 5]])
+  fig = plot.plot_pixel_attention(x, {"nl/nl_attention": (queries, weights)}, image=1,
+                                  path=str(tmp_path / "p.png"))
+  size, pixels = _decode(tmp_path / "p.png")
+  assert size == _size(fig) and pixels.std() > 0
+  axes = fig.axes
+  assert len(axes) == 3  # the input with every query marked, then one panel per query
+  for i in range(2):
+    drawn = np.asarray(axes[i + 1].images[1].get_array())
+    expected = plot.upsample((weights[1, i] / weights[1, i].max())[None], (8, 12))[0]
+    np.testing.assert_allclose(drawn, expected, rtol=1e-6)
+    # The cross sits on the query's centre in input pixels (a 4 x 6 grid over 8 x 12).
+    mark_x, mark_y = axes[i + 1].lines[0].get_data()
+    assert (mark_x[0], mark_y[0]) == (queries[i, 1] * 2 + 0.5, queries[i, 0] * 2 + 0.5)

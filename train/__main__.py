@@ -12,6 +12,14 @@ with an error listing its fields. The workdir defaults to ``runs/<config name>[_
 holds a checkpoint is resumed. Several hosts: set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM, Open MPI or a Cloud TPU pod)
 and start the same command on every host. The last line printed is the test accuracy.
+
+A run holds an exclusive lock on its workdir (``workdir/.lock``, see ``train.workdir``): a
+second run on the same workdir stops at once naming the first (pid, host, start time); a
+lock left by a killed run is taken over with a warning. A user's problem (a bad flag or
+config value, a missing or broken config file, an unusable workdir, missing data, a
+checkpoint of another run) ends with one ``error: <cause; fix>`` line and exit status 2;
+``--debug`` (or ATTENTION_FLAX_DEBUG=1) prints the traceback before it. A corrupt newest
+checkpoint is skipped with a warning and the next older one resumed.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import errors
+
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
 
@@ -33,15 +43,73 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def _config_error(err: Exception) -> str:
   """A one-line message for an unknown --config.KEY (ml_collections raises a bare key)."""
   if not isinstance(err, (KeyError, AttributeError)):
-    return f"error: {err}"
+    return errors.one_line(err)
   text = str(err)
   found = re.search(r"'([^'\\]+)", text)
   key = found.group(1) if found else text
   given = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a]
   hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
-  return (f"error: unknown config key {key!r} in {' '.join(given) or 'the overrides'}. "
+  return (f"unknown config key {key!r} in {' '.join(given) or 'the overrides'}. "
           f"{hint.group(0) + ' ' if hint else ''}The keys are listed in "
           "configs/__init__.py (base_config and data_config).")
+
+
+def _innermost(err: BaseException) -> BaseException:
+  """The first exception of ``err``'s chain (what a config file itself raised)."""
+  seen = {id(err)}
+  while (err.__cause__ or err.__context__) is not None and id(
+      err.__cause__ or err.__context__) not in seen:
+    err = err.__cause__ or err.__context__
+    seen.add(id(err))
+  return err
+
+
+def flag_error(err: BaseException) -> str:
+  """One line for an error of flag parsing or config loading: an unknown flag or key, a
+  value of the wrong type, a missing config file or an error inside one."""
+  if isinstance(err, (KeyError, AttributeError)):
+    return _config_error(err)
+  if isinstance(err, flags.UnrecognizedFlagError):
+    hint = re.search(r"Did you mean: ([\w.,\s]+?) ?\?", str(err))
+    return (f"unknown flag --{err.flagname}"
+            + (f" (did you mean --{hint.group(1).strip()}?)" if hint else "")
+            + "; the flags are --config=FILE[:smoke], --config.KEY=VALUE, --workdir=DIR and "
+            "--debug (--helpfull lists all).")
+  root = _innermost(err)
+  if isinstance(root, SyntaxError):
+    return errors.user_message(root)
+  found = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)", errors.one_line(err))
+  if found:  # a --config.KEY=VALUE of the wrong type
+    key, value, reason = found.groups()
+    for kind, word in (("int()", "an integer"), ("float", "a number")):
+      if kind in reason:
+        return f"--{key}={value} is not {word}; {key} takes {word}."
+    return f"--{key}={value}: {reason}"
+  if isinstance(root, (flags.Error, ValueError)):
+    return errors.one_line(root)
+  return (f"the config file failed to load ({type(root).__name__}: "  # raised by the file
+          f"{errors.one_line(root)}); fix it (--debug shows where).")
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The file of the last --config=FILE[:arg] in ``argv`` (None when not given)."""
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      path = arg.partition("=")[2]
+    elif arg in ("--config", "-config") and i + 1 < len(argv):
+      path = argv[i + 1]
+  return None if path is None else path.partition(":")[0]
+
+
+def _fail(message: str, err: BaseException | None = None, debug: bool | None = None):
+  """Prints ``error: <message>`` (after the traceback with --debug) and exits with 2."""
+  if debug is None:
+    debug = errors.debug_requested(sys.argv)
+  if debug and err is not None:
+    traceback.print_exception(err)
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_CODE)
 
 
 _MODEL_KWARG = re.compile(r"^--?config\.model_kwargs\.")
@@ -87,23 +155,30 @@ def with_model_kwargs(config: Any, kwargs: dict[str, Any]) -> Any:
 def _define_config_flag():
   """--config; config_flags loads the file (and default overrides) while defining it."""
   try:
+    argv = split_model_kwargs(sys.argv)[0]
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+      found = sorted(f for f in os.listdir(_CONFIG_DIR) if f.endswith(".py") and f[0] != "_")
+      raise errors.UserError(
+          f"config file {path!r} not found; give --config=FILE[:smoke] with an existing "
+          f"file, e.g. one of configs/: {', '.join(found)}.")
     return config_flags.DEFINE_config_file(
         "config", os.path.join(_CONFIG_DIR, "default.py"),
         "Experiment config file, optionally with ':arg' (e.g. configs/default.py:smoke).",
-        lock_config=True, sys_argv=split_model_kwargs(sys.argv)[0])
-  except (KeyError, AttributeError, ValueError) as err:
-    sys.exit(_config_error(err))
+        lock_config=True, sys_argv=argv)
+  except Exception as err:  # pylint: disable=broad-except
+    _fail(flag_error(err), err)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with unknown --config.KEY overrides reported in one line; the
   model_kwargs overrides are kept for :func:`main`."""
-  argv, kwargs = split_model_kwargs(argv)
-  _MODEL_KWARGS.update(kwargs)
   try:
+    argv, kwargs = split_model_kwargs(argv)
+    _MODEL_KWARGS.update(kwargs)
     return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as err:
-    sys.exit(_config_error(err))
+  except Exception as err:  # pylint: disable=broad-except
+    _fail(flag_error(err), err)
 
 
 _MODEL_KWARGS: dict[str, Any] = {}  # --config.model_kwargs.KEY=VALUE, set by _parse_flags
@@ -111,6 +186,8 @@ _CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results "
     "(default: runs/<config name>[_<arg>]).")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, f"Show the traceback of an error (also {errors.DEBUG_ENV}=1).")
 
 
 def default_workdir(config_path: str) -> str:
@@ -127,6 +204,10 @@ def initialize_distributed() -> bool:
   cluster), SLURM with more than one task, Open MPI (OMPI_MCA_orte_hnp_uri), and
   multi-host Cloud TPU (TPU_WORKER_HOSTNAMES with several hosts); the last three let
   ``jax.distributed.initialize()`` read the details. Call before any other JAX use.
+  ATTENTION_FLAX_INIT_TIMEOUT, ATTENTION_FLAX_HEARTBEAT_TIMEOUT and
+  ATTENTION_FLAX_SHUTDOWN_TIMEOUT (seconds) set how long a process waits for the others
+  to join, how long a silent process may go before the others stop with an error (the
+  same on every process), and how long a finished one waits for the rest.
   """
   import jax  # Not at the top: flag errors should come back before JAX starts.
 
@@ -139,37 +220,103 @@ def initialize_distributed() -> bool:
                        "on several hosts.")
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
-    return True
-  if (int(env.get("SLURM_NTASKS", "1")) > 1 or "OMPI_MCA_orte_hnp_uri" in env
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
-    jax.distributed.initialize()
-    return True
-  return False
+                               process_id=int(env["JAX_PROCESS_ID"]), **_timeouts(env))
+  elif (int(env.get("SLURM_NTASKS", "1")) > 1 or "OMPI_MCA_orte_hnp_uri" in env
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
+    jax.distributed.initialize(**_timeouts(env))
+  else:
+    return False
+  sys.excepthook = _exit_on_lost_process(sys.excepthook)
+  return True
+
+
+# Words of the errors JAX raises when another process of the run is gone.
+_LOST_PROCESS = ("Gloo", "Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE",
+                 "DEADLINE_EXCEEDED", "Barrier failed")
+
+
+def lost_process_message(err: BaseException) -> str | None:
+  """The one-line message for ``err`` when it says that another process of the run
+  stopped (a collective or a barrier that lost its peer); None for any other error."""
+  import jax
+
+  text = str(err)
+  if not isinstance(err, jax.errors.JaxRuntimeError) or not any(
+      word in text for word in _LOST_PROCESS):
+    return None
+  first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+  return (f"another process of this run stopped ({first}); process "
+          f"{jax.process_index()} stops too. Look for the first error in the other "
+          "processes' output, then start every process again with the same command: the "
+          "run resumes from its last checkpoint.")
+
+
+def _exit_on_lost_process(previous: Any) -> Any:
+  """An excepthook printing :func:`lost_process_message` as ``error: ...`` and leaving
+  at once: JAX's exit handler would otherwise wait for the lost process and abort with a
+  long report. Any other error goes to ``previous``."""
+  def hook(kind, err, trace):
+    message = lost_process_message(err)
+    if message is None or errors.debug_requested(sys.argv):
+      previous(kind, err, trace)
+    if message is not None:
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(1)
+  return hook
+
+
+# Environment variable -> jax.distributed.initialize argument, in seconds.
+_TIMEOUTS = {"ATTENTION_FLAX_INIT_TIMEOUT": "initialization_timeout",
+             "ATTENTION_FLAX_HEARTBEAT_TIMEOUT": "heartbeat_timeout_seconds",
+             "ATTENTION_FLAX_SHUTDOWN_TIMEOUT": "shutdown_timeout_seconds"}
+
+
+def _timeouts(env: Any) -> dict[str, int]:
+  """The timeouts of a multi-process run set in the environment (JAX's defaults: 300 s to
+  join, 100 s without heartbeats before a process counts as dead and the others stop,
+  300 s waiting for the others at exit)."""
+  found = {}
+  for name, argument in _TIMEOUTS.items():
+    text = env.get(name, "")
+    if text:
+      if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r} must be a whole number of seconds >= 1; fix or "
+                         "unset it.")
+      found[argument] = int(text)
+  return found
 
 
 def main(argv: list[str]) -> None:
+  """Trains the flags' config; a user's problem ends the process with one ``error:`` line
+  and exit status 2 (the traceback too with --debug)."""
+  debug = _DEBUG.value or errors.debug_requested()
+  try:
+    _run(argv)
+  except Exception as err:  # pylint: disable=broad-except
+    known = (ValueError, TypeError, OSError, KeyError)
+    if "train.checkpoint" in sys.modules:
+      known += (sys.modules["train.checkpoint"].CheckpointError,
+                sys.modules["train.metrics"].NonFiniteLossError)
+    errors.exit_with(err, debug, known)
+
+
+def _run(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}.")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}; flags take the "
+                           "form --name=value (--config.KEY=VALUE for config keys).")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   initialize_distributed()
-  from train import checkpoint, metrics, trainer
+  from train import metrics, trainer
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or default_workdir(config_path)
   try:
-    config = with_model_kwargs(_CONFIG.value, _MODEL_KWARGS)
-  except (ValueError, TypeError) as err:  # A bad key or value: one line, no trace.
-    sys.exit(f"error: {err}")
-  try:
-    results = trainer.train_and_evaluate(config, workdir)
-  except (ValueError, TypeError, FileNotFoundError, checkpoint.CheckpointError,
-          metrics.NonFiniteLossError) as err:
-    # Configuration, data and checkpoint problems: the trace for context, then the
-    # message (which says what to change) as the last line.
-    traceback.print_exc()
-    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-    sys.exit(1)
+    config = _CONFIG.value
+  except Exception as err:  # pylint: disable=broad-except
+    raise errors.UserError(flag_error(err)) from err  # a config that failed to load
+  config = with_model_kwargs(config, _MODEL_KWARGS)
+  results = trainer.train_and_evaluate(config, workdir)
   print(metrics.format_results(results), flush=True)
 
 

@@ -4,12 +4,17 @@ The trainer calls only :func:`get_info`, :func:`train_dataset` and :func:`eval_b
 Sources (``train.datasets``) are random-access; the steps are in ``train.transforms``;
 the pipeline is
 
-  MapDataset.source(src).seed(seed)[process_index::process_count]
-    .shuffle() -> decode -> augment (random_map) -> batch and normalise -> repeat()
+  MapDataset.source(src).seed(seed).shuffle() -> decode -> augment (random_map)
+    -> [:whole global batches] -> batch(per-process rows) -> [process_index::process_count]
+    -> repeat()
 
-so every epoch is reshuffled and re-augmented from ``seed`` alone, each process reads its
-own disjoint slice, and an iterator's ``get_state()`` / ``set_state()`` resumes exactly.
-Every epoch yields ``len(slice) // batch_size`` batches (the remainder is dropped per epoch).
+The shuffle and the augmentation are global: every epoch is reshuffled and re-augmented
+from ``seed`` alone, the same way on every process, and each process takes its own rows,
+``[process_index * B, (process_index + 1) * B)`` with ``B = batch_size``, of each global
+batch of ``B * process_count``. So the global batch at every step is the same whatever the
+number of processes, and a process only reads and decodes its own rows (the steps are
+lazy). Every epoch yields ``len(split) // (B * process_count)`` batches (the remainder is
+dropped per epoch), and an iterator's ``get_state()`` / ``set_state()`` resumes exactly.
 
 ``config.data`` keys (see the configs): name, tfds_name, data_dir, train_split, eval_split,
 image_size, channels, augment (crop_padding, flip, random_resized_crop, min_area), mean,
@@ -22,7 +27,11 @@ random_resized_crop, timm's convention),
 ``num_threads`` / ``prefetch_batches`` (4 / 4, reader threads and batches read ahead),
 digits ``placement`` ("resize" or "pad"), distorted digits ``train_copies``,
 ``eval_copies``, ``max_rotation``, ``scale_range``, ``clutter``, ``digit_size``,
-``clutter_size`` (defaults in ``train.datasets``).
+``clutter_size`` (defaults in ``train.datasets``). Image folders: ``check_files``
+(1000: files decoded when the run starts, spread over each split; -1 all, 0 none) and
+``skip_bad_files`` (False; True leaves files that do not decode out and counts them,
+``train.image_files``). ``cache`` (False; True decodes each split once into memory, uint8,
+``train.memory_cache``) and ``cache_max_gb`` (0: half the available memory).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from train import datasets
 from train.transforms import Collate, Decode, EvalResize, TrainAugment
 
 DATA_NAMES = ("digits", "distorted_digits", "tfds", "folder")
+CHECK_FILES = 1000  # image-folder files decoded per split when a run starts (the default)
 _DEFAULT_SIZE = {"digits": 16, "distorted_digits": 60}
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +83,10 @@ class DataSpec:
   normalize_on_device: bool
   augment_on_device: bool
   options: tuple[tuple[str, Any], ...]  # source-specific extras (digits, distortions)
+  check_files: int = CHECK_FILES  # image folders: files decoded at the start, -1 all
+  skip_bad_files: bool = False  # image folders: leave out (and count) bad files
+  cache: bool = False  # decode each split once into memory (train.memory_cache)
+  cache_max_gb: float = 0.0  # the cache's limit per split; 0: half the available memory
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -128,6 +142,17 @@ def parse_data_config(config: Any) -> DataSpec:
     raise ValueError("data.augment_on_device=True normalises the images on the device as "
                      "well, after resizing them; drop data.normalize_on_device=False, or "
                      "set data.augment_on_device=False.")
+  check_files = _int(_get(config, "check_files", CHECK_FILES), "data.check_files", -1)
+  cache_max_gb = _get(config, "cache_max_gb", 0.0)
+  if (isinstance(cache_max_gb, bool) or not isinstance(cache_max_gb, (int, float))
+      or cache_max_gb < 0):
+    raise ValueError(f"data.cache_max_gb must be a number of GiB >= 0 (0: half the "
+                     f"available memory), got {cache_max_gb!r}.")
+  flags = {}
+  for key in ("skip_bad_files", "cache"):
+    flags[key] = _get(config, key, False)
+    if not isinstance(flags[key], (bool, np.bool_)):
+      raise ValueError(f"data.{key} must be True or False, got {flags[key]!r}.")
   extras = ("placement",) if name == "digits" else (
       "train_copies", "eval_copies", "max_rotation", "scale_range", "clutter",
       "digit_size", "clutter_size") if name == "distorted_digits" else ()
@@ -150,7 +175,9 @@ def parse_data_config(config: Any) -> DataSpec:
       prefetch_batches=_int(_get(config, "prefetch_batches", 4), "data.prefetch_batches", 1),
       seed=_int(_get(config, "seed", 0), "data.seed", 0),
       normalize_on_device=normalize_on_device, augment_on_device=augment_on_device,
-      options=tuple(options))
+      options=tuple(options), check_files=check_files,
+      skip_bad_files=bool(flags["skip_bad_files"]), cache=bool(flags["cache"]),
+      cache_max_gb=float(cache_max_gb))
 
 
 def _spec(config: Any) -> DataSpec:
@@ -158,7 +185,31 @@ def _spec(config: Any) -> DataSpec:
 
 
 def make_source(spec: DataSpec, split: str) -> Any:
-  """The random-access source of one split (``train.datasets``)."""
+  """The random-access source of one split (``train.datasets``); with ``data.cache`` its
+  images decoded once into memory (``train.memory_cache``)."""
+  source = _stored_source(spec, split)
+  if not spec.cache:
+    return source
+  from train import memory_cache
+  key = (spec.name, spec.tfds_name, spec.data_dir, spec.channels, spec.skip_bad_files)
+  return memory_cache.in_memory(source, key=key, split=split,
+                                cache_max_gb=spec.cache_max_gb,
+                                skip_bad_files=spec.skip_bad_files,
+                                threads=max(1, spec.num_threads))
+
+
+def bad_files(data_config: Any) -> dict[str, Any] | None:
+  """For an image folder, {"count": files found bad so far in this process, "paths": the
+  first few} (``train.image_files``); None for other data."""
+  spec = _spec(data_config)
+  if spec.name != "folder":
+    return None
+  from train import image_files
+  return image_files.summary(spec.data_dir)
+
+
+def _stored_source(spec: DataSpec, split: str) -> Any:
+  """The source of one split as stored: decoded on access for tfds and image folders."""
   options = dict(spec.options)
   if spec.name == "digits":
     return datasets.digits_source(split, seed=spec.seed, image_size=spec.image_size,
@@ -172,7 +223,11 @@ def make_source(spec: DataSpec, split: str) -> Any:
   if spec.name == "tfds":
     return datasets.tfds_source(spec.tfds_name, split, spec.data_dir)
   classes = datasets.folder_classes(spec.data_dir, spec.train_split)
-  return datasets.ImageFolderSource(spec.data_dir, split, spec.channels, classes)
+  # With the cache every file is decoded there anyway: that is the whole check.
+  return datasets.ImageFolderSource(
+      spec.data_dir, split, spec.channels, classes,
+      check_files=0 if spec.cache else spec.check_files,
+      skip_bad_files=spec.skip_bad_files, threads=max(1, spec.num_threads))
 
 
 def get_info(data_config: Any) -> DatasetInfo:
@@ -216,29 +271,38 @@ def train_dataset(data_config: Any, *, batch_size: int, seed: int, process_index
   ``train.device_augment`` to normalise on the device. With ``data.augment_on_device``
   the images are the source's, unresized and unnormalised (uint8, or float in [0, 1]), and
   the batch adds "box" float32 (batch_size, 4) and "mirror" bool (batch_size,) for
-  ``train.device_augment``. ``batch_size`` is per process.
-  Deterministic in ``seed``; worker processes are used only when ``data.worker_count > 0``.
+  ``train.device_augment``. ``batch_size`` is per process: the batch is rows
+  ``[process_index * batch_size, (process_index + 1) * batch_size)`` of the global batch of
+  ``batch_size * process_count`` rows, which depends on ``seed`` alone (see the module
+  docstring). Worker processes are used only when ``data.worker_count > 0``.
   """
   spec = _spec(data_config)
   _check_sharding(batch_size, process_index, process_count)
   seed = _int(seed, "seed", 0)
   source = make_source(spec, spec.train_split)
-  ds = grain.MapDataset.source(source).seed(seed)[process_index::process_count]
-  if len(ds) < batch_size:
+  global_batch = batch_size * process_count
+  if len(source) < global_batch:
     raise ValueError(
-        f"batch_size {batch_size} per process is larger than the {len(ds)} train examples "
-        f"this process reads ({len(source)} in split {spec.train_split!r} over "
-        f"{process_count} process(es)); lower config.batch_size.")
-  # Augmentation streams differ per process; the seed mixes in the process index.
-  augment_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+        f"The global batch, {batch_size} per process x {process_count} process(es), is "
+        f"larger than the {len(source)} train examples of split {spec.train_split!r}; "
+        "lower config.batch_size.")
+  # One augmentation stream for every process: random_map seeds each example from this
+  # seed and the example's global position, whichever process reads it.
+  augment_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
   on_device = spec.augment_on_device
-  ds = (ds.shuffle()
+  # The full slice [:] changes nothing but the shuffle's derived seed (grain mixes in the
+  # depth below .seed()): it keeps the order that one process has always read.
+  ds = (grain.MapDataset.source(source).seed(seed)[:].shuffle()
         .map(Decode(spec.channels, keep_uint8 or on_device))
         .random_map(TrainAugment(spec.image_size, spec.crop_padding, spec.flip,
                                  spec.random_resized_crop, spec.min_area, on_device),
-                    seed=augment_seed)
+                    seed=augment_seed))
+  # Whole global batches per epoch, cut into process_count runs of batch_size rows: the
+  # global batch k is runs k * process_count ... (k + 1) * process_count - 1 in order.
+  ds = (ds[:len(source) // global_batch * global_batch]
         .batch(batch_size, drop_remainder=True,
                batch_fn=Collate(spec.mean, spec.std, on_device))
+        [process_index::process_count]
         .repeat())
   it = ds.to_iter_dataset(_read_options(spec))
   if spec.worker_count > 0:
@@ -254,29 +318,34 @@ def eval_batches(data_config: Any, *, batch_size: int, process_index: int = 0,
                  process_count: int = 1, keep_uint8: bool = False,
                  augment_on_device: bool | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over this process's slice of the eval split, no augmentation.
+  """One pass over this process's rows of the eval split, no augmentation.
 
   Yields {"image": float32 (batch_size, H, W, C), "label": int32 (batch_size,), "mask":
   float32 (batch_size,)}; padded rows (zeros) have mask 0. ``keep_uint8`` is as for
   :func:`train_dataset`; so is ``augment_on_device`` (None: ``data.augment_on_device``),
   whose batches hold the stored images with the eval view's "box" and a false "mirror"
-  (the resize, made on the device). Every process yields the same
-  number of batches, ceil(ceil(num_eval / process_count) / batch_size), so collective eval
-  steps stay in step. Configuration errors are raised here, not on the first batch.
+  (the resize, made on the device). The split is read in order in global batches of
+  ``batch_size * process_count`` rows, of which this process takes rows
+  ``[process_index * batch_size, (process_index + 1) * batch_size)``, so the global batches
+  are the same whatever the number of processes. Every process yields the same number of
+  batches, ceil(num_eval / (batch_size * process_count)), so collective eval steps stay in
+  step. Configuration errors are raised here, not on the first batch.
   """
   spec = _spec(data_config)
   _check_sharding(batch_size, process_index, process_count)
   source = make_source(spec, spec.eval_split)
-  per_process = -(-len(source) // process_count)  # ceiling divisions
-  num_batches = -(-per_process // batch_size)
+  num_batches = -(-len(source) // (batch_size * process_count))  # a ceiling division
   on_device = spec.augment_on_device if augment_on_device is None else augment_on_device
   keep_uint8 = keep_uint8 or on_device
   decode = Decode(spec.channels, keep_uint8)
-  ds = (grain.MapDataset.source(source)[process_index::process_count]
+  # Runs of batch_size rows in order; run c is process c % process_count's share of the
+  # global batch c // process_count (a process short of a run gets a padding batch).
+  ds = (grain.MapDataset.source(source)
         .map(decode)
         .map(EvalResize(spec.image_size, spec.random_resized_crop, spec.crop_pct, on_device))
         .batch(batch_size, drop_remainder=False,
-               batch_fn=Collate(spec.mean, spec.std, on_device)))
+               batch_fn=Collate(spec.mean, spec.std, on_device))
+        [process_index::process_count])
   # Padding rows take the shape and dtype of the real ones, the same in every process:
   # those of the split's first image as decoded (uint8 only with keep_uint8 and a uint8
   # source; its stored size on the device path).

@@ -28,7 +28,8 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from train import image_files
+from train.errors import UserError
 
 DIGITS_SPLITS = ("train", "test")
 DIGITS_TEST_FRACTION = 0.2  # 1,797 digits -> 1,437 train / 360 test
@@ -309,7 +310,20 @@ def folder_classes(root: str, split: str) -> list[str]:
                    if os.path.isdir(os.path.join(split_dir, d)))
   if not classes:
     raise FileNotFoundError(f"{split_dir!r} holds no class folders; {_LAYOUT_HINT}.")
+  # An empty class folder would still count as a class and change num_classes.
+  empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
+  if empty:
+    raise UserError(
+        f"Class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} of {split_dir!r} "
+        f"hold{'' if len(empty) > 1 else 's'} no images ({', '.join(IMAGE_EXTENSIONS)}); "
+        "add images or remove the folder (each folder is a class).")
   return classes
+
+
+def _has_image(folder: str) -> bool:
+  """Whether ``folder`` holds at least one image file (stops at the first)."""
+  with os.scandir(folder) as entries:
+    return any(e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file() for e in entries)
 
 
 class ImageFolderSource:
@@ -317,11 +331,14 @@ class ImageFolderSource:
 
   ``classes`` should come from the train split so that eval labels mean the same thing;
   images are decoded on access and converted to ``channels`` (1: grayscale, 3: RGB),
-  returned as (H, W, channels) uint8.
+  returned as (H, W, channels) uint8. ``check_files`` of the files are decoded first
+  (-1: all) and bad ones raise, or are left out with ``skip_bad_files``; with it, a file
+  that fails later is replaced by the next readable one (``train.image_files``).
   """
 
   def __init__(self, root: str, split: str, channels: int,
-               classes: Sequence[str] | None = None):
+               classes: Sequence[str] | None = None, *, check_files: int = 0,
+               skip_bad_files: bool = False, threads: int = 4):
     found = folder_classes(root, split)
     self.classes = list(found if classes is None else classes)
     unknown = sorted(set(found) - set(self.classes))
@@ -346,18 +363,34 @@ class ImageFolderSource:
       raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under "
                               f"{os.path.join(root, split)!r}; {_LAYOUT_HINT}.")
     self.labels = np.asarray(labels, np.int32)
+    self.skip_bad_files = bool(skip_bad_files)
+    bad = image_files.check(
+        self.files, self.load, check_files=check_files, skip=self.skip_bad_files,
+        key=(os.path.abspath(os.path.join(root, split)), channels), threads=threads)
+    if bad:  # Left out: the split is the readable files.
+      keep = [i for i in range(len(self.files)) if i not in bad]
+      self.files, self.labels = [self.files[i] for i in keep], self.labels[keep]
 
   def __len__(self) -> int:
     return len(self.files)
 
+  def load(self, index: int) -> np.ndarray:
+    """File ``index`` decoded, (H, W, channels) uint8; ``image_files.BadImageError`` if
+    it does not decode."""
+    return image_files.decode(self.files[index], self.channels)
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    mode = "L" if self.channels == 1 else "RGB"
-    with Image.open(self.files[index]) as image:
-      # convert() copies even an image already in the mode (16% of a small PNG's read).
-      pixels = np.asarray(image if image.mode == mode else image.convert(mode), np.uint8)
-    if pixels.ndim == 2:
-      pixels = pixels[..., None]
-    return {"image": pixels, "label": int(self.labels[index])}
+    for offset in range(len(self.files)):
+      at = (index + offset) % len(self.files)
+      try:
+        return {"image": self.load(at), "label": int(self.labels[at])}
+      except image_files.BadImageError as err:
+        if not self.skip_bad_files:
+          raise err.user_error() from None
+        # A file that went bad after the check: the next readable one takes its place.
+        image_files.record(err.path, err.cause)
+    raise UserError(f"No file of the {len(self.files)} in this split decodes (first "
+                    f"{self.files[index]!r}); check the image folder.")
 
 
 # ------------------------------------------------------------- tensorflow-datasets

@@ -3,7 +3,8 @@
 Training metrics stay on the device as the loop produces them and are fetched in one
 ``jax.device_get`` when a line is logged, so the loop never waits for the device between
 log points. Files written under the workdir (by process 0 only):
-  metrics.jsonl  one JSON object per line: {"step", "split": "train" | "eval", ...}
+  metrics.jsonl  one JSON object per line: {"step", "split": "train" | "eval", ...}, only
+                 ever appended to (a resumed run adds a "resume" marker; read_metrics)
   config.json    the run's config
   results.json   final test metrics, steps, throughput and wall time
   curves.png     loss, accuracy and learning rate against the step (matplotlib, Agg)
@@ -48,26 +49,38 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+RESUME_SPLIT = "resume"  # the marker line a resumed run appends: {"step", "split": "resume"}
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """The parseable lines of a metrics.jsonl file (a line cut by a kill is skipped)."""
+  """The rows of a metrics.jsonl file as one run: a line cut by a kill is skipped, and a
+  resume marker at step S drops the rows above S written before it (steps that the resumed
+  run redid). The markers themselves are not returned."""
   if not os.path.exists(path):
     return []
   rows = []
   with open(path) as f:
     for line in f:
       try:
-        rows.append(json.loads(line))
+        row = json.loads(line)
       except json.JSONDecodeError:
         continue
+      if not isinstance(row, dict):
+        continue
+      if row.get("split") == RESUME_SPLIT:
+        rows = [r for r in rows if r.get("step", 0) <= row.get("step", 0)]
+      else:
+        rows.append(row)
   return rows
 
 
 class MetricWriter:
   """Appends metric lines to ``workdir/metrics.jsonl``; a no-op unless ``enabled``.
 
-  A run resumed at ``resume_step`` first drops the lines written after that step by the
-  interrupted run (they describe steps that are about to be redone), so the file reads as
-  one run.
+  The file is only ever appended to, never rewritten, so no line once written is lost. A
+  run resumed at ``resume_step`` on a file with lines first appends a marker
+  ``{"step": resume_step, "split": "resume"}``: :func:`read_metrics` then reads the file as
+  one run (the interrupted run's lines after that step describe steps that were redone).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
@@ -76,12 +89,14 @@ class MetricWriter:
     self._file = None
     if not enabled:
       return
-    kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-    tmp = f"{self.path}.tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in kept)
-    os.replace(tmp, self.path)
     self._file = open(self.path, "a")
+    if self._file.tell() > 0:
+      with open(self.path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        cut = f.read(1) != b"\n"  # a line cut by a kill: end it so it stays alone
+      marker = {"step": int(resume_step), "split": RESUME_SPLIT, "time": round(time.time(), 3)}
+      self._file.write(("\n" if cut else "") + json.dumps(marker) + "\n")
+      self._file.flush()
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
     if self._file is None:
@@ -223,12 +238,18 @@ def plot_curves(workdir: str, path: str | None = None) -> str | None:
 
 
 def format_results(results: dict[str, Any]) -> str:
-  """The final lines printed by ``python -m train``: a baseline first when there is one."""
+  """The final lines printed by ``python -m train``: the compared models first (one
+  "baseline <model>:" line for a single one, a "compared <entry>:" line each for several),
+  then the main model's."""
   lines = []
   baseline = results.get("baseline")
-  if baseline:
-    lines.append(f"baseline {baseline['model']}: " + format_results(
-        {k: v for k, v in baseline.items() if k != "baseline"}))
+  compared = results.get("compared") or {}
+  own = lambda r: {k: v for k, v in r.items() if k not in ("baseline", "compared")}
+  if len(compared) > 1:
+    for entry, result in compared.items():
+      lines.append(f"compared {entry}: " + format_results(own(result)))
+  elif baseline:
+    lines.append(f"baseline {baseline['model']}: " + format_results(own(baseline)))
   ips = results.get("images_per_second", 0.0)
   start = results.get("resumed_from_step")
   if start and start == results.get("steps"):

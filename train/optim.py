@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import optax
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+DECAY_ON = ("kernels", "all")
 
 
 def choice_error(kind: str, value: Any, choices: tuple[str, ...]) -> ValueError:
@@ -92,9 +94,15 @@ def _optax_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
 
 
-def decay_mask(params: Any) -> Any:
-  """True for weights that get weight decay: kernels (ndim > 1), not biases or norm params."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params: Any, on: str = "kernels") -> Any:
+  """True for the weights that get weight decay (``config.weight_decay_on``).
+
+  "kernels": kernels only (ndim > 1), never biases or norm scales and offsets; "all": every
+  parameter, as ``torch.optim.SGD(model.parameters(), weight_decay=...)`` decays.
+  """
+  if on not in DECAY_ON:
+    raise choice_error("weight_decay_on", on, DECAY_ON)
+  return jax.tree.map(lambda p: on == "all" or p.ndim > 1, params)
 
 
 def _standard_promotion(update: Callable) -> Callable:
@@ -111,19 +119,22 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: Callable
   """Global-norm clipping (optional), then SGD with L2 weight decay or AdamW.
 
   SGD adds ``weight_decay * w`` to the gradient before momentum, as PyTorch's SGD; AdamW
-  decays decoupled from the gradient statistics. Biases and norm parameters never decay.
+  decays decoupled from the gradient statistics (``w -= lr * weight_decay * w``), as
+  PyTorch's AdamW. ``config.weight_decay_on`` picks the decayed weights (:func:`decay_mask`):
+  "kernels" (biases and norm parameters never decay) or "all".
   """
+  mask = functools.partial(decay_mask, on=config.get("weight_decay_on", "kernels"))
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == "sgd":
     if config.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
     parts.append(optax.sgd(schedule, momentum=config.momentum or None,
                            nesterov=bool(config.nesterov)))
   elif config.optimizer == "adamw":
     adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                        weight_decay=config.weight_decay, mask=decay_mask)
+                        weight_decay=config.weight_decay, mask=mask)
     parts.append(optax.GradientTransformation(adamw.init, _standard_promotion(adamw.update)))
   else:
     raise choice_error("optimizer", config.optimizer, OPTIMIZERS)

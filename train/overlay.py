@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from attention_flax import grad_cam as gc
 from attention_flax import inspect as ins
 from attention_flax import plot
 from train import data as data_lib
@@ -34,12 +35,18 @@ def write_eval_overlay(model: Any, variables: Any, images: Any, path: str) -> st
 
   Picks the deepest spatial maps when the model has any (masks overlaid on the inputs;
   for per-channel masks, whose channel mean is often flat, the most varied channel of
-  each), else the STN panel, else the channel-gate strips; a model that sows no attention
+  each), the glimpse path of a hard-attention model, else the STN panel, else the channel-gate strips; a model that sows no attention
   gets a Grad-CAM of its last stage. Map extraction is one jitted call, compiled once per
   model. Returns ``path``.
   """
   images = jnp.asarray(images, jnp.float32)[:6]
   maps = maps_fn(model)(variables, images)
+  glimpses = ins.by_kind(maps, "glimpse_location")
+  if glimpses:  # hard attention: the glimpse path
+    from attention_flax import plot_glimpses
+    plot_glimpses.plot_glimpses(images, next(iter(glimpses.values())).value,
+                                plot_glimpses.model_glimpse_sides(model), path=path)
+    return path
   views = ins.spatial_views(
       {k: m for k, m in maps.items() if ins.view_of(m) != "per_channel"})
   views.update(ins.channel_views(maps, k=1))
@@ -60,7 +67,7 @@ def write_eval_overlay(model: Any, variables: Any, images: Any, path: str) -> st
   if not stages:
     raise ValueError("write_eval_overlay: the model sows neither attention maps nor "
                      "'stage{i}' features; nothing to draw.")
-  plot.plot_grad_cam(images, ins.grad_cam(model, variables, images, stages[-1]), path=path)
+  plot.plot_grad_cam(images, gc.grad_cam(model, variables, images, stages[-1]), path=path)
   return path
 
 

@@ -36,6 +36,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def has_training_loss(state: TrainState) -> bool:
+  """Whether the state's model brings its own loss: a ``training_loss`` method on the module
+  whose ``apply`` is ``state.apply_fn`` (a bound ``model.apply``, as the trainer builds it).
+
+  Such a method is called as ``training_loss(images, labels, *, train=True)`` and returns
+  (scalar loss, aux): aux["logits"] (N, K) gives the accuracy metric, every other entry is
+  a scalar metric logged under its name. Label smoothing does not apply to it.
+  """
+  model = getattr(state.apply_fn, "__self__", None)
+  return callable(getattr(type(model), "training_loss", None))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a (global) batch {"image": (N, H, W, C), "label": (N,)}; uint8 images
@@ -43,20 +55,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
   batch is augmented first (:func:`input_images`).
 
   Returns the new state and scalar metrics: loss, accuracy, learning_rate, grad_norm,
-  param_norm and "finite" (false once loss, gradients or parameters overflow).
+  param_norm and "finite" (false once loss, gradients or parameters overflow). A model with
+  its own ``training_loss`` (:func:`has_training_loss`) is trained on that loss instead of
+  cross-entropy, and its aux metrics are added.
   """
   rng = jax.random.fold_in(rng, state.step)
   images = input_images(state, batch)
+  own_loss = has_training_loss(state)
 
   def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"])
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if own_loss:
+      (loss, aux), updates = state.apply_fn(
+          variables, images, batch["label"], train=True, method="training_loss",
+          rngs={"dropout": rng}, mutable=["batch_stats"])
+      aux = dict(aux)
+      return loss.astype(jnp.float32), (aux.pop("logits").astype(jnp.float32), aux, updates)
+    logits, updates = state.apply_fn(variables, images, train=True, rngs={"dropout": rng},
+                                     mutable=["batch_stats"])
     logits = logits.astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], state.label_smoothing).mean()
-    return loss, (logits, updates)
+    return loss, (logits, {}, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   new_state = state.apply_gradients(grads=grads,
                                     batch_stats=updates.get("batch_stats", state.batch_stats))
   grad_norm = optax.tree.norm(grads)
@@ -69,6 +91,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
       "param_norm": param_norm,
       "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
   }
+  metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
   return new_state, metrics
 
 

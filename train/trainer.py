@@ -35,6 +35,9 @@ from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim
+from train import workdir as workdir_lib
+from train.errors import UserError
+from train.compare import compared_dir, parse_compare_with  # noqa: F401 (re-exported)
 # Importable from here too: the steps, the model and the state the trainer is built on.
 from train.device_augment import normalize_images  # noqa: F401
 from train.state import TrainState, build_model, check_model_kwargs, state_to_tree
@@ -51,18 +54,34 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   from attention_flax import models  # The registry's own error names close matches.
   models.model_info(config.model)
   check_model_kwargs(config.model, config.model_kwargs.keys())
-  if config.compare_with:
-    models.model_info(config.compare_with)
+  for _, name, kwargs in parse_compare_with(config.compare_with):
+    models.model_info(name)
+    check_model_kwargs(name, kwargs.keys())
   if config.optimizer not in optim.OPTIMIZERS:
     raise optim.choice_error("optimizer", config.optimizer, optim.OPTIMIZERS)
   if config.schedule not in optim.SCHEDULES:
     raise optim.choice_error("schedule", config.schedule, optim.SCHEDULES)
+  if config.get("weight_decay_on", "kernels") not in optim.DECAY_ON:
+    raise optim.choice_error("weight_decay_on", config.weight_decay_on, optim.DECAY_ON)
   for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     if int(config[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1; got {config[key]}.")
+  for key in ("num_train_steps", "num_epochs", "warmup_epochs", "momentum"):
+    if not config[key] >= 0:  # NaN fails too
+      raise UserError(f"config.{key} must be >= 0; got {config[key]}"
+                      + (" (0 trains for config.num_epochs)." if key == "num_train_steps"
+                         else "."))
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
+  if not config.learning_rate > 0:
+    raise UserError(f"config.learning_rate must be > 0; got {config.learning_rate} (a "
+                    "negative rate climbs the loss instead of descending it).")
+  for key in ("decay_epochs", "decay_steps"):
+    if any(not v >= 0 for v in config.get(key, ())):
+      raise UserError(f"config.{key} must hold values >= 0; got {tuple(config[key])}.")
+  if not config.get("decay_factor", 1.0) > 0:
+    raise UserError(f"config.decay_factor must be > 0; got {config.decay_factor}.")
   for key in ("eval_every_steps", "grad_clip_norm", "weight_decay", "mock_data"):
     if config[key] < 0:
       raise ValueError(f"config.{key} must be >= 0; got {config[key]}.")
@@ -106,8 +125,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
 
 
 def make_mesh(devices: Any = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: all devices of all processes), axis "data"."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+  """A 1-D mesh over ``devices``, axis "data". By default all devices of all processes,
+  process 0's first: process p's devices then hold rows [p * B, (p + 1) * B) of a global
+  batch, the rows ``train.data`` gives process p (B per process)."""
+  if devices is None:  # a stable sort: each process's devices keep JAX's order
+    devices = sorted(jax.devices(), key=lambda device: device.process_index)
+  return Mesh(np.asarray(devices), ("data",))
 
 
 def compile_steps(mesh: Mesh, compiler_options: dict[str, Any] | None = None
@@ -177,6 +200,7 @@ class Run:
   train_fn: Callable
   eval_fn: Callable
   wall_start: float
+  lock: workdir_lib.WorkdirLock | None = None  # this run's hold on the workdir
 
 
 def due(config: ml_collections.ConfigDict, step: int, last_step: int) -> tuple[bool, bool]:
@@ -189,10 +213,26 @@ def due(config: ml_collections.ConfigDict, step: int, last_step: int) -> tuple[b
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
-  """Builds the model, mesh, state (resumed from ``workdir``'s checkpoint when it has one),
-  input pipeline, writers and compiled steps; writes workdir/config.json."""
+  """Locks ``workdir`` (``train.workdir.WorkdirLock``; released by :func:`close`), then
+  builds the model, mesh, state (resumed from ``workdir``'s checkpoint when it has one),
+  input pipeline, writers and compiled steps; writes workdir/config.json.
+
+  Raises:
+    UserError: another run holds the workdir, or it is a file or cannot be written.
+  """
+  lock = workdir_lib.WorkdirLock(workdir, jax.process_index()).acquire()
+  try:
+    run, state = _build_run(config, workdir)
+  except BaseException:
+    lock.release()
+    raise
+  run.lock = lock
+  return run, state
+
+
+def _build_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
+  """:func:`setup` once the workdir is locked."""
   wall_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   info = data_lib.get_info(config.data)
   model = build_model(config, info.num_classes)
   mesh = make_mesh()
@@ -287,11 +327,15 @@ def finish(run: Run, state: TrainState, step: int) -> dict[str, float]:
 
 
 def close(run: Run) -> None:
-  """Closes the writers, the checkpointer and the input pipeline."""
-  run.progress.close()
-  run.writer.close()
-  run.ckpt.close()  # Finishes the last good save even when a non-finite loss stopped the run.
-  run.batches.close()  # Stops the input pipeline's threads and worker processes now.
+  """Closes the writers, the checkpointer and the input pipeline; unlocks the workdir."""
+  try:
+    run.progress.close()
+    run.writer.close()
+    run.ckpt.close()  # Finishes the last good save even when a non-finite loss stopped it.
+    run.batches.close()  # Stops the input pipeline's threads and worker processes now.
+  finally:
+    if run.lock is not None:
+      run.lock.release()
 
 
 def report(run: Run, state: TrainState, step: int, final: dict[str, float]) -> dict[str, Any]:
@@ -305,6 +349,9 @@ def report(run: Run, state: TrainState, step: int, final: dict[str, float]) -> d
       "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
       "devices": jax.device_count(), "processes": jax.process_count(),
   }
+  bad_files = data_lib.bad_files(run.config.data)  # image folders: files left out
+  if bad_files is not None:
+    results["bad_files"] = bad_files
   if run.primary:
     metrics_lib.write_json(os.path.join(run.workdir, "results.json"), results)
     if run.config.plot_curves:
@@ -326,8 +373,10 @@ def train_one(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, checkpoints and evaluates ``config`` in ``workdir``; returns the results dict.
 
-  With ``config.compare_with`` the named baseline is trained afterwards with the same
-  settings in ``workdir/baseline`` and its results are added under "baseline".
+  Each entry of ``config.compare_with`` (:func:`parse_compare_with`) is trained afterwards
+  with the same settings and its own model_kwargs, in ``workdir/baseline`` when there is
+  one entry, else in ``workdir/compared/<entry>`` (:func:`compared_dir`); results["compared"]
+  maps each entry to its results and results["baseline"] holds the first entry's.
   Re-running on a workdir with a checkpoint resumes it.
   """
   validate_config(config)
@@ -337,12 +386,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mock = tfds.testing.mock_data(num_examples=config.mock_data)
   with mock:
     results = train_one(config, workdir)
-    if config.compare_with:
-      baseline = config.copy_and_resolve_references()
-      with baseline.unlocked():
-        baseline.model, baseline.compare_with = config.compare_with, ""
-        baseline.model_kwargs = ml_collections.ConfigDict()
-      results["baseline"] = train_one(baseline, os.path.join(workdir, "baseline"))
-      if jax.process_index() == 0:
-        metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
+    entries = parse_compare_with(config.compare_with)
+    for entry, name, kwargs in entries:
+      other = config.copy_and_resolve_references()
+      with other.unlocked():
+        other.model, other.compare_with = name, ""
+        other.model_kwargs = ml_collections.ConfigDict(kwargs)
+      result = train_one(other, compared_dir(workdir, entry, len(entries) > 1))
+      results.setdefault("baseline", result)
+      results.setdefault("compared", {})[entry] = result
+    if entries and jax.process_index() == 0:
+      metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
   return results

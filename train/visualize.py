@@ -10,27 +10,34 @@ are drawn. The maps are found by the kinds their layers declare (``attention_fla
 a layer of your own included: channel gates go to channel_gates.png, each kind with a
 spatial view to <kind>.png (spatial_mask.png, residual_mask.png, coord_gate.png,
 context_weights.png, gather_gate.png, ...), for per-channel masks also their most varied
-channels (<kind>_channels.png), the STN to stn.png, plus grad_cam_<stage>.png for the
-last stage; ``--palette`` stores them as 8-bit palette PNGs. With ``--timm`` the converted
-pretrained weights (``attention_flax.convert.load_pretrained``) are used on the given
-images instead (resized to the model's input size, or ``--image_size``; ImageNet
-normalisation; written to ``--out``, by default ``maps/NAME``). ``write_eval_overlay`` is
-the cheap single-picture variant for training.
+channels (<kind>_channels.png), the STN to stn.png, a hard-attention model's glimpse path
+to glimpses.png, the per-channel weights of Selective
+Kernel and split-attention branches to branch_weights.png, where the centre and corner
+pixels of a non-local (or bottleneck) attention look to pixel_attention.png, plus
+grad_cam_<stage>.png for the last stage; ``--palette`` stores them as 8-bit palette PNGs.
+With ``--timm`` the converted pretrained weights (``attention_flax.convert.load_pretrained``)
+are used on the given images instead (resized to the model's input size, or
+``--image_size``; ImageNet normalisation; written to ``--out``, by default ``maps/NAME``).
+``write_eval_overlay`` is the cheap single-picture variant for training.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention_flax import grad_cam as gc
 from attention_flax import inspect as ins
 from attention_flax import plot
+from train import errors
 # Shared with the trainer, which draws the eval overlay without importing this module.
 from train.overlay import maps_fn as _maps_fn
 from train.overlay import write_eval_overlay  # noqa: F401  (part of this module's API)
@@ -49,8 +56,9 @@ def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
   """Writes one PNG per kind of map ``model`` sows on ``images`` (the channel gates of
   every kind in one, see ``inspect.view_of``), for per-channel masks also one of their
   most varied channels (``<kind>_channels.png``; ``inspect.channel_views`` ranks them
-  over all ``images``), and a Grad-CAM of the last sown stage (or
-  ``grad_cam_layer``); returns the paths written. ``palette`` stores them as 8-bit palette
+  over all ``images``), ``branch_weights.png`` (first image) and ``pixel_attention.png``
+  (``inspect.pixel_views``) when such maps are sown, and a Grad-CAM of the last sown stage
+  (or ``grad_cam_layer``); returns the paths written. ``palette`` stores them as 8-bit palette
   PNGs (``plot.to_palette``), a third of the size or less."""
   os.makedirs(out_dir, exist_ok=True)
   images = jnp.asarray(images, jnp.float32)
@@ -83,12 +91,33 @@ def write_maps(model: Any, variables: Any, images: Any, out_dir: str, *,
     # The transformer of the registered models sees the model's input itself.
     plot.plot_stn(images, theta.value, output.value, path=p)
     written.append(p)
+  glimpses = ins.by_kind(maps, "glimpse_location")
+  if glimpses:  # hard attention: the glimpse path, a square per scale
+    from attention_flax import plot_glimpses
+    logits = model.apply(variables, images, **_train_kw(model))
+    p = os.path.join(out_dir, "glimpses.png")
+    plot_glimpses.plot_glimpses(images, next(iter(glimpses.values())).value,
+                                plot_glimpses.model_glimpse_sides(model), labels=labels,
+                                predictions=np.asarray(jnp.argmax(logits, -1)), path=p)
+    written.append(p)
+  branches = ins.by_view(maps, "branches")
+  if branches:
+    p = os.path.join(out_dir, "branch_weights.png")
+    plot.plot_branch_weights({k: m.value for k, m in branches.items()}, path=p)
+    written.append(p)
+  pixels = ins.pixel_views(maps, images.shape[1:3])
+  if pixels:
+    p = os.path.join(out_dir, "pixel_attention.png")
+    plot.plot_pixel_attention(images, pixels, path=p)
+    written.append(p)
   layer = grad_cam_layer
   if layer is None:
-    stages = [k for k, v in ins.features(model, variables, images[:1]).items() if v.ndim == 4]
+    # Only the stages' shapes are needed: tracing gives them without running the model.
+    shapes = jax.eval_shape(functools.partial(ins.features, model), variables, images[:1])
+    stages = [k for k, v in shapes.items() if v.ndim == 4]
     layer = stages[-1] if stages else None
   if layer is not None:
-    cams = ins.grad_cam(model, variables, images, layer)
+    cams = gc.grad_cam(model, variables, images, layer)
     logits = model.apply(variables, images, **_train_kw(model))
     p = os.path.join(out_dir, f"grad_cam_{layer.replace('/', '_')}.png")
     plot.plot_grad_cam(images, cams, labels=labels,
@@ -178,9 +207,23 @@ def load_timm(name: str, weights: str, images: str, image_size: int | None = Non
           "num_classes": None, "step": None}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m train.visualize", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one-line UserErrors when ``one_line`` (the command line)."""
+
+  def __init__(self, *args, one_line: bool = False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.one_line = one_line
+
+  def error(self, message):
+    if self.one_line:
+      raise errors.UserError(f"{message.rstrip('.')}; python -m train.visualize --help "
+                             "lists the options.")
+    super().error(message)
+
+
+def parse_args(argv: Sequence[str] | None, one_line: bool = False) -> argparse.Namespace:
+  parser = _Parser(prog="python -m train.visualize", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, one_line=one_line)
   parser.add_argument("--workdir", help="a training run (config.json + checkpoints/)")
   parser.add_argument("--num_images", type=int, default=16,
                       help="images to draw: a run's first eval images, or the first --images")
@@ -194,6 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="write 8-bit palette PNGs (smaller files, e.g. for documentation)")
   parser.add_argument("--image_size", type=int,
                       help="side the --images are resized to (default: the model's input size)")
+  parser.add_argument("--debug", action="store_true",
+                      help=f"show the traceback of an error (also {errors.DEBUG_ENV}=1)")
   args = parser.parse_args(argv)
   if args.timm:
     if not (args.weights and args.images):
@@ -226,5 +271,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+  """:func:`main` for the command line: a user's problem (a bad option, a missing or
+  unreadable run, weights file or image) ends with one ``error: <cause; fix>`` line and
+  exit status 2; ``--debug`` or ATTENTION_FLAX_DEBUG=1 adds the traceback."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = errors.debug_requested(argv)
+  if not debug:  # orbax's notes on reading a run (read-only folders and the like)
+    import logging  # pylint: disable=import-outside-toplevel
+    logging.getLogger("absl").setLevel(logging.ERROR)
+  try:
+    parse_args(argv, one_line=True)
+    return main(argv)
+  except Exception as err:  # pylint: disable=broad-except
+    from train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+    errors.exit_with(err, debug, (ValueError, TypeError, OSError, KeyError, ImportError,
+                                  ckpt_lib.CheckpointError))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli())

@@ -22,7 +22,8 @@ from attention_flax.layers.hybrid import CBAM, GlobalContext
 from attention_flax.layers.nonlocal_attn import BilinearAttnTransform, NonLocal
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.residual import ResidualAttention, ResidualUnit
-from attention_flax.layers.self_attention import BottleneckAttn, HaloAttn, LambdaLayer
+from attention_flax.layers.lambda_layer import LambdaLayer
+from attention_flax.layers.self_attention import BottleneckAttn, HaloAttn
 from attention_flax.layers.selective import SelectiveKernel
 from attention_flax.layers.spatial import CoordAttention, SpatialAttention
 from attention_flax.layers.split import SplitAttention

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, he_normal, reduced_width
+from attention_flax.layers.common import (check_images, check_layout, get_act,
+                                          he_normal, reduced_width)
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import norm_in_float32
 
@@ -83,6 +84,9 @@ class BAM(nn.Module):
   spatial ``C * rd + rd + num_dilated * (9 * rd * rd + rd) + rd + 1`` plus
   ``2 * rd * (1 + num_dilated)`` BN parameters and 2 more with ``branch_norm``. For
   C = 256 (rd = 16): 17,361 as released, 17,875 with the paper's two BNs.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
 
   Attributes:
     rd_ratio, rd_divisor, rd_channels: the hidden width ``rd`` of both branches
@@ -138,6 +142,7 @@ class BAM(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "gate_c_fc_0", "kernel")
     self._check()
     hidden = reduced_width(x.shape[-1], self.rd_ratio, self.rd_divisor, self.rd_channels)
     channel = self._channel_branch(jnp.mean(x, axis=(1, 2)), hidden, train)

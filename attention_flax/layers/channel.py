@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from attention_flax.layers.common import check_images, get_act, make_divisible, reduced_width
+from attention_flax.layers.common import (check_images, check_layout, get_act,
+                                          make_divisible, reduced_width)
 
 Array = jax.Array
 
@@ -86,11 +87,22 @@ class SqueezeExcite(nn.Module):
   """Squeeze-and-Excitation: ``x * gate(fc2(act(fc1(mean_hw(x)))))``.
 
   Input and output (N, H, W, C). The hidden width is ``reduced_width(C, rd_ratio,
-  rd_divisor, rd_channels)``: timm's divisor 8 gives 8 for a 64-channel block; the paper's
-  plain ``C // 16`` is ``rd_divisor=1``. Children ``fc1`` (C -> rd) and ``fc2`` (rd -> C),
-  both with bias, as timm's ``SEModule``. Sows ``"channel_gate"`` (N, 1, 1, C).
-
+  rd_divisor, rd_channels)``: timm's divisor 8 gives 8 for a 64-channel block;
+  ``rd_divisor=1`` rounds ``C / 16`` to the nearest integer (2 for 24 channels), and
+  ``rd_channels=lambda c: c // 16`` gives the floor that PyTorch sketches such as the
+  common ``CALayer(channel, reduction=16)`` compute (1 for 24 channels). Children ``fc1``
+  (C -> rd) and ``fc2`` (rd -> C), both with bias, ReLU between and a sigmoid gate, as
+  timm's ``SEModule`` and that ``CALayer``. Sows ``"channel_gate"`` (N, 1, 1, C).
   :meth:`gate_from_pooled` computes the gate from the (N, C) spatial mean alone.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
+  Attributes:
+    rd_ratio, rd_divisor: the hidden width ``C * rd_ratio``, rounded as timm rounds.
+    rd_channels: an explicit hidden width, or a function of C giving it (wins over the
+      ratio).
+    act, gate: the hidden activation and the gating function.
   """
   pools: ClassVar[tuple[str, ...]] = ("mean",)
   # The maps it sows, by name, and their kind (attention_flax.inspect).
@@ -98,7 +110,7 @@ class SqueezeExcite(nn.Module):
 
   rd_ratio: float = 1.0 / 16
   rd_divisor: int = 8
-  rd_channels: int | None = None
+  rd_channels: int | Callable[[int], int] | None = None
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
   dtype: Any = None
@@ -106,6 +118,7 @@ class SqueezeExcite(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "fc1", "kernel")
     return x * self.gate_from_pooled(jnp.mean(x, axis=(1, 2))).astype(x.dtype)
 
   @nn.compact
@@ -127,6 +140,9 @@ class EffectiveSE(nn.Module):
   No reduction, so no information is lost in a bottleneck; timm's hard sigmoid is
   ``relu6(x + 3) / 6`` (``jax.nn.hard_sigmoid``). Input and output (N, H, W, C); child ``fc``;
   sows ``"channel_gate"`` (N, 1, 1, C); :meth:`gate_from_pooled` as :class:`SqueezeExcite`.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
   """
   pools: ClassVar[tuple[str, ...]] = ("mean",)
   # The maps it sows, by name, and their kind (attention_flax.inspect).
@@ -138,6 +154,7 @@ class EffectiveSE(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "fc", "kernel")
     return x * self.gate_from_pooled(jnp.mean(x, axis=(1, 2))).astype(x.dtype)
 
   @nn.compact
@@ -186,6 +203,9 @@ class ECA(nn.Module):
     (k, rd, 1) from timm's (1, rd, k)). ``rd`` is ``rd_channels`` or timm's
     ``make_divisible(C * rd_ratio, rd_divisor)`` with its 0.9 round limit: 8 for C = 64,
     32 for C = 256.
+
+  Its parameters do not depend on C, so it cannot tell a channels-first (NCHW) batch
+  from an NHWC one, at init or apply: transpose such input with x.transpose(0, 2, 3, 1).
 
   Attributes:
     kernel_size: odd kernel size, or None to derive it from C with :func:`eca_kernel_size`.
@@ -296,6 +316,10 @@ class GatherExcite(nn.Module):
   (depthwise convolutions, GE-theta) is not supported: ``extra_params=True`` raises
   ValueError. Input and output (N, H, W, C). Sows ``"channel_gate"`` (N, 1, 1, C) for
   ``extent=0`` and ``"gather_gate"`` (N, H', W', C), at the gathered resolution, otherwise.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied, and only with ``use_mlp`` (one-line error naming
+  x.transpose(0, 2, 3, 1)); without parameters it cannot tell.
   """
   # The maps it sows, by name, and their kind (attention_flax.inspect).
   maps: ClassVar[dict[str, str]] = {"channel_gate": "channel_gate", "gather_gate": "gather_gate"}
@@ -314,6 +338,7 @@ class GatherExcite(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "mlp", "fc1", "kernel")
     if self.extra_params:
       raise ValueError(
           "GatherExcite supports only the parameter-free gather (extra_params=False); "

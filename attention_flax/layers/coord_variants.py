@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, make_divisible
+from attention_flax.layers.common import check_images, check_layout, get_act, make_divisible
 from attention_flax.layers.norm import at_least_float32
 
 Array = jax.Array
@@ -70,6 +70,9 @@ class SimpleCoordAttn(nn.Module):
   ``make_divisible(C * rd_ratio * se_factor, rd_divisor)`` (timm: 1/4 * 2/3, divisor 8).
   ``has_skip`` adds the input to the gated map. Input and output (N, H, W, C); sows
   ``"coord_mask"`` (N, H, W, C), the gate applied.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
   """
   # The maps it sows, by name, and their kind (attention_flax.inspect).
   maps: ClassVar[dict[str, str]] = {"coord_mask": "gather_gate"}
@@ -88,6 +91,7 @@ class SimpleCoordAttn(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "fc1", "kernel")
     channels = x.shape[-1]
     if self.rd_channels:
       hidden = int(self.rd_channels)
@@ -127,6 +131,9 @@ class EfficientLocalAttn(nn.Module):
   ``norm=None`` drops it. ``has_skip`` adds the input to the gated map. Input and output
   (N, H, W, C); sows ``"coord_gate_h"`` (N, H, 1, C) and ``"coord_gate_w"`` (N, 1, W, C).
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     kernel_size: odd length of the 1-D depthwise kernels (timm: 7).
     norm: factory of ``norm_h`` and ``norm_w`` (called with ``dtype``, ``param_dtype``,
@@ -149,6 +156,7 @@ class EfficientLocalAttn(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv_h", "kernel", axis=-1)
     k = _check_kernel(self.kernel_size, type(self).__name__)
     channels = x.shape[-1]
     act, gate = get_act(self.act), get_act(self.gate)
@@ -182,6 +190,9 @@ class StripAttn(nn.Module):
   (N, H, W, C), passes one ``gate``. ``has_skip`` adds the input to the gated map. Input
   and output (N, H, W, C); sows ``"coord_mask"`` (N, H, W, C), the gate applied.
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     use_conv: refine the strips with the depthwise convolutions.
     kernel_size: odd length of the 1-D depthwise kernels (timm: 3).
@@ -202,6 +213,7 @@ class StripAttn(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv_h", "kernel", axis=-1)
     rows, cols = _strips(x)
     if self.use_conv:
       k = _check_kernel(self.kernel_size, type(self).__name__)

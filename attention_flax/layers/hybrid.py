@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from attention_flax import ops
 from attention_flax.layers.channel import ChannelMlp
-from attention_flax.layers.common import check_images, get_act, reduced_width
+from attention_flax.layers.common import check_images, check_layout, get_act, reduced_width
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import SpatialAttention, norm_in_float32
 
@@ -40,6 +40,9 @@ class CBAMChannel(nn.Module):
   pass the MLP once, ``x * gate(mlp(0.5 * mean_hw(x) + 0.5 * max_hw(x)))``, same children.
   Input and output (N, H, W, C); sows ``"channel_gate"`` (N, 1, 1, C).
   :meth:`gate_from_pooled` computes the gate from the two (N, C) pools alone.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
   """
   pools: ClassVar[tuple[str, ...]] = ("mean", "max")
   # The maps it sows, by name, and their kind (attention_flax.inspect).
@@ -57,6 +60,7 @@ class CBAMChannel(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "fc1", "kernel")
     return x * self.gate_from_pooled(*ops.mean_and_max(x, (1, 2))).astype(x.dtype)
 
   @nn.compact
@@ -103,6 +107,9 @@ class CBAM(nn.Module):
   kernel (k, k, 1, 1)),
   with the same children and variable names, so timm's weights convert as CBAM's do;
   ``pool_order`` then plays no part.
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
   """
   pools: ClassVar[tuple[str, ...]] = ("mean", "max")
   # The maps it sows, by name, and their kind (attention_flax.inspect).
@@ -136,6 +143,7 @@ class CBAM(nn.Module):
 
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "channel", "fc1", "kernel")
     return self.spatial(self.channel(x), train)
 
   def gate_from_pooled(self, mean: Array, top: Array) -> Array:
@@ -166,6 +174,9 @@ class GlobalContext(nn.Module):
   paper's choice. ``fuse="both"`` applies the scale, then adds. Input and output
   (N, H, W, C); sows ``"context_weights"`` (N, H, W, 1) and, with scale fusion,
   ``"channel_gate"`` (N, 1, 1, C).
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
   """
   # The maps it sows, by name, and their kind (attention_flax.inspect).
   maps: ClassVar[dict[str, str]] = {"context_weights": "context_weights",
@@ -185,6 +196,8 @@ class GlobalContext(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv_attn", "kernel")
+    check_layout(self, x, f"mlp_{self.fuse}", "fc1", "kernel")
     if self.fuse not in _FUSIONS:
       raise ValueError(
           f"GlobalContext fuse must be one of {_FUSIONS}; got {self.fuse!r}. 'scale' is "

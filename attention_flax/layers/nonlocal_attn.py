@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, he_normal, make_divisible
+from attention_flax.layers.common import (check_images, check_layout, get_act,
+                                          he_normal, make_divisible)
 from attention_flax.layers.norm import TorchBatchNorm, batch_norm
 
 Array = jax.Array
@@ -65,6 +66,9 @@ class NonLocal(nn.Module):
   key positions (each row sums to one): ``nl_attention[n, q].reshape(H, W)`` is where
   query pixel q looks. Memory grows as (H * W)^2 per image.
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     use_scale: scale the dot products by ``C ** -0.5``.
     rd_ratio, rd_divisor, rd_channels: the embedding width C' (see above).
@@ -87,6 +91,7 @@ class NonLocal(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "t", "kernel")
     n, height, width, channels = x.shape
     inner = _width(channels, self.rd_ratio, self.rd_divisor, self.rd_channels)
 
@@ -204,6 +209,9 @@ class BilinearAttnTransform(nn.Module):
   row block x input row block) and ``[:, :, 1]`` is q transposed (output column block x
   input column block), each row summing to one.
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     block_size: blocks per axis (timm: 7, for 7 x 7 or 14 x 14 ... maps).
     groups: channel groups with their own transforms (timm: 2).
@@ -233,6 +241,7 @@ class BilinearAttnTransform(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     name = type(self).__name__
     check_images(x, name)
+    check_layout(self, x, "conv1", "conv", "kernel")
     _, height, width, channels = x.shape
     b = self.block_size
     if not isinstance(b, int) or b < 1:

@@ -37,7 +37,7 @@ import numpy as np
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, he_normal
+from attention_flax.layers.common import check_images, check_layout, get_act, he_normal
 from attention_flax.layers.norm import TorchBatchNorm, batch_norm
 
 Array = jax.Array
@@ -104,6 +104,9 @@ class ResidualUnit(nn.Module):
   ``shortcut`` (with the stride) of the pre-activated ``a``, as in the prototxt's
   ``branch2`` and in pre-activation ResNets.
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     features: output channels; None keeps the input's.
     stride: spatial stride of the 3x3 convolution (and of the projection).
@@ -134,6 +137,7 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv1", "kernel")
     name = type(self).__name__
     channels = x.shape[-1]
     features = channels if self.features is None else _check_count(
@@ -178,7 +182,10 @@ class ResidualAttention(nn.Module):
     ``mask_bn2``, ``mask_conv2``; the convolutions have no bias, as in the prototxt) and
     ``gate`` give ``M``, sown as ``"residual_mask"`` (N, H, W, features). Only the skip
     branches are added on the way up: the pre-pool feature of a level is never added again.
-  * Output ``(1 + M) * T`` through ``p`` more units (``post1..``).
+  * Output ``(1 + M) * T`` through ``p`` more units (``post1..``). With ``naive=True`` the
+    output is ``M * T`` instead, the paper's "naive attention learning" (Sec. 3.1 and
+    Table 3), which it argues degrades deep features because masks in [0, 1] multiply
+    up module after module; the trunk is sown as ``"trunk"`` so both can be checked.
 
   Prototxt names (module ``AttentionA_1`` etc.): ``pre1`` = ``trunk/res1``, ``trunk{i}`` =
   ``trunk/res{i+1}``, ``down{l}_{j}`` / ``skip{l}`` / ``up{l}_{j}`` = ``mask/down_sample/
@@ -191,9 +198,13 @@ class ResidualAttention(nn.Module):
   sizes pool to ``ceil(H / 2)``). The paper's stages use ``levels`` 3, 2 and 1 for
   56x56, 28x28 and 14x14 features (down to 7x7 each time), with p, t, r = 1, 2, 1.
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     p, t, r: units before/after, in the trunk, and between poolings of the mask.
     levels: number of max-poolings in the mask branch (>= 1).
+    naive: output ``M * T`` (naive attention learning) instead of ``(1 + M) * T``.
     features: output channels; None keeps the input's (a change happens in ``pre1``).
     bottleneck_ratio: width ratio of every unit.
     align_corners: up-sampling convention (False: half-pixel centres; True: Caffe's).
@@ -214,6 +225,7 @@ class ResidualAttention(nn.Module):
   levels: int = 3
   features: int | None = None
   bottleneck_ratio: int = 4
+  naive: bool = False
   align_corners: bool = False
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
@@ -228,6 +240,7 @@ class ResidualAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "pre1" if self.p else "trunk1", "conv1", "kernel")
     name = type(self).__name__
     p = _check_count(self.p, "p", 0, name)
     t = _check_count(self.t, "t", 0, name)
@@ -282,7 +295,9 @@ class ResidualAttention(nn.Module):
     self.sow("intermediates", "residual_mask", mask)
 
     # Attention residual learning: M in (0, 1) scales the trunk, never below T itself.
-    y = (1 + mask) * trunk
+    # Naive attention learning multiplies by M alone.
+    self.sow("intermediates", "trunk", trunk)
+    y = mask * trunk if self.naive else (1 + mask) * trunk
     for i in range(p):
       y = unit(f"post{i + 1}")(y, train)
     return y

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, he_normal, make_divisible
+from attention_flax.layers.common import (check_images, check_layout, get_act,
+                                          he_normal, make_divisible)
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import norm_in_float32
 
@@ -138,6 +139,9 @@ class SelectiveKernel(nn.Module):
   (:class:`SelectiveKernelAttn`, which sows ``"branch_weights"`` (N, P, features)) and
   summed. Used as an attention layer it returns that sum (not a gated copy of x).
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     features: output channels; None = the input's.
     kernel_size: branch kernel sizes; None = (3, 5); see :func:`branch_kernels`.
@@ -175,6 +179,10 @@ class SelectiveKernel(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
     kernels, dilations = branch_kernels(self.kernel_size, self.dilation, self.keep_3x3)
+    # The branch kernels are (k, k, C / (groups * paths with split_input), features).
+    groups = self.groups if self.features is None else min(self.features, self.groups)
+    check_layout(self, x, "paths_0", "conv", "kernel",
+                 groups=groups * (len(kernels) if self.split_input else 1))
     paths, in_features = len(kernels), x.shape[-1]
     features = self.features or in_features
     if self.split_input and in_features % paths:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, make_divisible
+from attention_flax.layers.common import check_images, check_layout, get_act, make_divisible
 from attention_flax.layers.norm import TorchBatchNorm, batch_norm
 
 Array = jax.Array
@@ -67,6 +67,14 @@ class SpatialAttention(nn.Module):
 
   A timm conv weight (1, 2, k, k) maps to ``w.transpose(2, 3, 1, 0)``; note that timm
   stacks the maps as (mean, max) while the CBAM authors stack (max, mean).
+
+  The survey's SALayer convolves one pooled map with the CBAM authors' ``BasicConv(1, 1,
+  7, padding=3, relu=False)``: no bias, ``BatchNorm2d(momentum=0.01)``, no ReLU, then a
+  sigmoid. That is ``SpatialAttention(pool_order=("mean",), use_bn=True,
+  norm=functools.partial(TorchBatchNorm, momentum=0.99))``, or ``("max",)``.
+
+  Its parameters do not depend on C, so it cannot tell a channels-first (NCHW) batch
+  from an NHWC one, at init or apply: transpose such input with x.transpose(0, 2, 3, 1).
 
   Attributes:
     kernel_size: odd size of the square convolution (CBAM uses 7).
@@ -131,6 +139,9 @@ class CoordAttention(nn.Module):
   Biases follow timm (none on any of the three layers, ``use_bias=False``); the authors'
   code keeps PyTorch's default biases (``use_bias=True``). ``norm`` is the factory of
   ``bn1``, as in :class:`SpatialAttention` (default ``TorchBatchNorm``: PyTorch's rule).
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
   """
   # The maps it sows, by name, and their kind (attention_flax.inspect).
   maps: ClassVar[dict[str, str]] = {"coord_gate_h": "coord_gate", "coord_gate_w": "coord_gate"}
@@ -149,6 +160,7 @@ class CoordAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv1", "kernel")
     _, height, _, channels = x.shape
     if self.rd_channels is not None:
       if self.rd_channels < 1:

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from attention_flax import ops
-from attention_flax.layers.common import check_images, get_act, he_normal, make_divisible
+from attention_flax.layers.common import (check_images, check_layout, get_act,
+                                          he_normal, make_divisible)
 from attention_flax.layers.norm import TorchBatchNorm
 from attention_flax.layers.spatial import norm_in_float32
 
@@ -87,6 +88,9 @@ class SplitAttention(nn.Module):
   ``"branch_weights"``, the layout of Selective Kernel's path weights): entry [n, r, c]
   weighs split r of channel c; for ``radix > 1`` they sum to 1 over r.
 
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
+
   Attributes:
     features: output channels; None = the input's C.
     radix: splits per cardinal group (the paper's R).
@@ -137,6 +141,7 @@ class SplitAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv", "kernel", groups=self.groups * self.radix)
     n, channels = x.shape[0], x.shape[-1]
     features = self._check(channels)
     radix, groups = self.radix, self.groups

@@ -18,7 +18,7 @@ from flax import linen as nn
 
 from attention_flax import ops
 from attention_flax.checks import check_choice, check_images
-from attention_flax.layers.common import get_act
+from attention_flax.layers.common import check_layout, get_act
 from attention_flax.sampling import IDENTITY_THETA, MODES, PADDING_MODES, affine_grid
 from attention_flax.sampling import grid_sample  # noqa: F401  (re-exported)
 
@@ -69,6 +69,7 @@ class LocalizationNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     check_images(x, type(self).__name__)
+    check_layout(self, x, "conv1", "kernel")
     if len(self.features) != len(self.kernel_sizes):
       raise ValueError(f"LocalizationNet: {len(self.features)} features but "
                        f"{len(self.kernel_sizes)} kernel_sizes; give one kernel per stage.")
@@ -108,6 +109,9 @@ def _accepts_train(module: nn.Module) -> bool:
 
 class SpatialTransformer(nn.Module):
   """Localization net -> affine theta -> grid -> sampled image (the paper's Fig. 2).
+
+  C is read from the input at init, so a channels-first batch is caught only when the
+  initialised layer is applied (one-line error naming x.transpose(0, 2, 3, 1)).
 
   Attributes:
     out_size: (H_out, W_out) of the sampled image; None keeps the input's size.
@@ -152,6 +156,7 @@ class SpatialTransformer(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     """(N, H, W, C) images -> (N, H_out, W_out, C) resampled images."""
     check_images(x, type(self).__name__)
+    check_layout(self, x, "localization", "conv1", "kernel")
     check_choice(self.mode, MODES, "mode")
     check_choice(self.padding_mode, PADDING_MODES, "padding_mode")
     if self.out_size is None:

@@ -25,6 +25,8 @@ from attention_flax.layers import ATTENTIONS
 from attention_flax.models import residual_attention, resnet, sknet, stn
 from attention_flax.models import bam_resnet
 from attention_flax.models import resnest
+from attention_flax.models import byoanet
+from attention_flax.models import ram
 from attention_flax.models.common import ModelEntry, plain_tail
 from attention_flax.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -42,7 +44,9 @@ def _merge(*tables: Mapping[str, ModelEntry]) -> dict[str, ModelEntry]:
 MODELS: dict[str, ModelEntry] = _merge(resnet.MODELS, residual_attention.MODELS, stn.MODELS,
                                         resnest.MODELS,
                                         sknet.MODELS,
-                                        bam_resnet.MODELS)
+                                        bam_resnet.MODELS,
+                                        byoanet.MODELS,
+                                        ram.MODELS)
 
 
 def list_models(pattern: str = "*", include_test: bool = False) -> list[str]:

@@ -66,7 +66,8 @@ class ResidualAttentionNet(nn.Module):
   works; with the ImageNet stem, multiples of 32 keep every level of the masks aligned.
   ``conv``, ``norm`` and ``pool`` are the factories of every convolution, batch norm and
   max pool (``flax.linen.Conv``, ``flax.linen.BatchNorm`` and ``flax.linen.max_pool``
-  signatures).
+  signatures). ``naive=True`` makes every attention module output ``M * T`` (the paper's
+  naive attention learning) instead of ``(1 + M) * T``.
   """
   num_classes: int = 1000
   stage_widths: Sequence[int] = (256, 512, 1024)
@@ -86,6 +87,7 @@ class ResidualAttentionNet(nn.Module):
   t: int = 2
   r: int = 1
   bottleneck_ratio: int = 4
+  naive: bool = False
   align_corners: bool = False
   act: str | Callable = "relu"
   gate: str | Callable = "sigmoid"
@@ -130,8 +132,8 @@ class ResidualAttentionNet(nn.Module):
                   param_dtype=self.param_dtype)
     unit = functools.partial(ResidualUnit, **common)
     attention = functools.partial(ResidualAttention, p=self.p, t=self.t, r=self.r,
-                                  align_corners=self.align_corners, gate=self.gate,
-                                  pool=self.pool, **common)
+                                  naive=self.naive, align_corners=self.align_corners,
+                                  gate=self.gate, pool=self.pool, **common)
 
     k = self.stem_kernel
     pad = (k - 1) // 2

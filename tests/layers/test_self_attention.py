@@ -18,8 +18,9 @@ timm_layers = pytest.importorskip("timm.layers")
 
 from attention_flax.convert import convert_variables  # noqa: E402
 from attention_flax.layers import create_attention  # noqa: E402
+from attention_flax.layers.lambda_layer import LambdaLayer  # noqa: E402
 from attention_flax.layers.self_attention import (  # noqa: E402
-    BottleneckAttn, HaloAttn, LambdaLayer, rel_logits_1d)
+    BottleneckAttn, HaloAttn, rel_logits_1d)
 from tests.layers.test_parity import (  # noqa: E402
     _apply, _check_running_stats, _images, _nhwc, _randomise_norms)
 from timm.layers.bottleneck_attn import BottleneckAttn as TimmBottleneckAttn  # noqa: E402

@@ -16,6 +16,8 @@ from attention_flax.models import (
 from attention_flax.models import resnest
 from attention_flax.models import bam_resnet
 from attention_flax.models import sknet
+from attention_flax.models import byoanet
+from attention_flax.models import ram
 from attention_flax.models.__main__ import main
 
 KEY = jax.random.key(0, impl="rbg")
@@ -23,7 +25,7 @@ KEY = jax.random.key(0, impl="rbg")
 
 def test_registry_merges_every_family_without_overwriting():
   families = (resnet.MODELS, residual_attention.MODELS, stn.MODELS, resnest.MODELS,
-              bam_resnet.MODELS, sknet.MODELS)
+              bam_resnet.MODELS, sknet.MODELS, byoanet.MODELS, ram.MODELS)
   for family in families:
     assert set(family) <= set(MODELS)
   assert len(MODELS) == sum(len(family) for family in families)

@@ -368,7 +368,7 @@ def test_image_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="emu"):
     data.get_info(_config(name="folder", data_dir=str(tmp_path)))
   (tmp_path / "empty" / "cat").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match="No images"):
+  with pytest.raises(ValueError, match="cat .*holds no images.*add images or remove"):
     data.get_info(_config(name="folder", data_dir=str(tmp_path), eval_split="empty"))
 
 

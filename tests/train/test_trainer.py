@@ -187,6 +187,17 @@ CONFIG_SCHEDULES = {
         176: 0.0}),
     "digits_attention": (_DIGITS, {
         0: 0.0, 21: 0.1 * 21 / 22, 22: 0.1, 121: 0.05, 220: 0.0}),
+    # The default recipe cut to 6 epochs: 132 steps, warm-up 22, cosine midpoint at 77.
+    "digits_naive_attention": (_DIGITS, {
+        0: 0.0, 21: 0.1 * 21 / 22, 22: 0.1, 77: 0.05, 131: _cosine(0.1, 22, 132, 131),
+        132: 0.0}),
+    # No warm-up, cosine from the first step: 20 epochs = 3,580 steps, 3 epochs = 537.
+    "digits_ram": (_STN, {
+        0: 2e-3, 1: _cosine(2e-3, 0, 3580, 1), 1790: 1e-3, 3579: _cosine(2e-3, 0, 3580, 3579),
+        3580: 0.0}),
+    "digits_soft_hard": (_STN, {
+        0: 1e-3, 1: _cosine(1e-3, 0, 537, 1), 268: _cosine(1e-3, 0, 537, 268),
+        536: _cosine(1e-3, 0, 537, 536), 537: 0.0}),
     "digits_stn": (_STN, {
         0: 0.0, 18: 0.01, 35: 0.02 * 35 / 36, 36: 0.02, 37: _cosine(0.02, 36, 716, 37),
         376: 0.01, 715: _cosine(0.02, 36, 716, 715), 716: 0.0}),

@@ -252,3 +252,84 @@ def test_write_maps_draws_a_users_kinds_by_their_shape(tmp_path, monkeypatch):
   assert list(channels) == [f"mixed[{c}]" for c in order]
   for c in order:
     np.testing.assert_allclose(channels[f"mixed[{c}]"], s[..., c], rtol=1e-6)
+
+
+def test_write_maps_draws_branch_weights_and_pixel_attention(tmp_path, monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from attention_flax.layers import NonLocal, SelectiveKernel, SplitAttention
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.Conv(8, (3, 3))(x)
+      x = SelectiveKernel(name="sk")(x, train)
+      x = SplitAttention(name="splat")(x, train)
+      x = NonLocal(rd_channels=4, name="nl")(x, train)
+      return nn.Dense(3)(jnp.mean(x, (1, 2)))
+
+  model = Net()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  drawn = {}
+  draw_branches, draw_pixels = plot.plot_branch_weights, plot.plot_pixel_attention
+
+  def spy_branches(weights, **kwargs):
+    drawn["branches"] = {k: np.asarray(v) for k, v in weights.items()}
+    return draw_branches(weights, **kwargs)
+
+  def spy_pixels(images, views, **kwargs):
+    drawn["pixels"] = {k: (np.asarray(q), np.asarray(w)) for k, (q, w) in views.items()}
+    return draw_pixels(images, views, **kwargs)
+
+  monkeypatch.setattr(plot, "plot_branch_weights", spy_branches)
+  monkeypatch.setattr(plot, "plot_pixel_attention", spy_pixels)
+  written = visualize.write_maps(model, variables, x, str(tmp_path))
+  assert [os.path.basename(p) for p in written] == ["branch_weights.png",
+                                                    "pixel_attention.png"]
+  for p in written:
+    _decodes(p)
+  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, x)
+  sown = state["intermediates"]
+  assert list(drawn["branches"]) == ["sk/attn/branch_weights", "splat/radix_weights"]
+  # Drawn from the jitted maps: equal to the eager ones up to float32 rounding.
+  np.testing.assert_allclose(drawn["branches"]["sk/attn/branch_weights"],
+                             sown["sk"]["attn"]["branch_weights"][0], rtol=1e-5)
+  np.testing.assert_allclose(drawn["branches"]["splat/radix_weights"],
+                             sown["splat"]["radix_weights"][0], rtol=1e-5)
+  queries, weights = drawn["pixels"]["nl/nl_attention"]
+  rows = np.asarray(sown["nl"]["nl_attention"][0])  # (2, 48, 48), the 6 x 8 map
+  assert len(queries) == 5 and weights.shape == (2, 5, 6, 8)
+  for i, (qy, qx) in enumerate(queries):
+    np.testing.assert_allclose(weights[:, i], rows[:, qy * 8 + qx].reshape(2, 6, 8),
+                               rtol=1e-5)
+
+
+def test_write_maps_draws_the_masks_of_a_bam_resnet(tmp_path, monkeypatch):
+  import jax
+
+  from attention_flax.models.resnet import BasicBlock, ResNet
+
+  model = ResNet(stage_sizes=(1, 1), block=BasicBlock, widths=(8, 16), num_classes=3,
+                 stage_attn="bam", stage_attn_after=(1,), stage_attn_kwargs={"rd_channels": 2})
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  overlays = []
+  draw = plot.plot_overlays
+
+  def spy(images, views, **kwargs):
+    overlays.append({k: np.asarray(v) for k, v in views.items()})
+    return draw(images, views, **kwargs)
+
+  monkeypatch.setattr(plot, "plot_overlays", spy)
+  written = visualize.write_maps(model, variables, x, str(tmp_path))
+  names = [os.path.basename(p) for p in written]
+  assert names[0] == "channel_gates.png"  # BAM's channel branch (N, 1, 1, C)
+  assert names[-1] == "grad_cam_stage2.png"  # the last sown stage, found by tracing
+  assert {"residual_mask.png", "residual_mask_channels.png"} <= set(names)
+  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, x)
+  mask = np.asarray(state["intermediates"]["bam1"]["bam_mask"][0])
+  means = next(o for o in overlays if "bam1/bam_mask" in o)
+  np.testing.assert_allclose(means["bam1/bam_mask"], mask.mean(-1), rtol=1e-5)

@@ -4,6 +4,7 @@ then a Markdown summary on stdout and the rows as JSON (``--out``).
   python -m train.bench --models=resnet20,se_resnet20 --batch=128 --repeats=10
   python -m train.bench --models=seresnet50,cbam_resnet50 --size=112 --batch=16 \\
       --against=torch --sampler --pipeline --out=/tmp/bench.json
+  python -m train.bench --cache --models=resnet20 --batch=128 --against=torch
 
 Every flag: ``--help``; what is measured and every JSON field: docs/benchmarks.md.
 """
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 import jax
 
-from train.bench import conv, models, pipeline, profile, sampler
+from train.bench import cache, conv, models, pipeline, profile, sampler
 from train.bench.common import cores, cpu_model, write_json
 
 DEFAULT_MODELS = "resnet50,seresnet50,cbam_resnet50,ecaresnet50d,attention56"
@@ -61,7 +62,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
           f"{env.get('backend', '')} {env.get('device_kind', '')}, "
           f"jax {env.get('jax_version', '')}")
   parts = (models.markdown, profile.markdown, sampler.markdown, conv.markdown,
-           pipeline.markdown)
+           pipeline.markdown, cache.markdown)
   return "\n".join([head, *(line for part in parts for line in part(rows))])
 
 
@@ -101,6 +102,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="--pipeline a second time with data.augment_on_device: resize, crop "
                       "and flip in the jitted step (train.device_augment), timed and charged "
                       "to the model")
+  p.add_argument("--cache", action="store_true",
+                 help="only this: the first --models trained end to end on a folder of "
+                      "32x32 JPEGs, without data.cache, with it, with it and "
+                      "augment_on_device (and PyTorch with --against=torch); "
+                      "4 rounds of --pipeline_batches steps each")
+  p.add_argument("--cache_images", type=int, default=cache.CACHE_IMAGES,
+                 help="--cache: train images in the folder")
+  p.add_argument("--cache_dir", default=None,
+                 help="--cache: where the folder is kept between runs (default: a "
+                      "temporary one)")
   p.add_argument("--sampler", action="store_true",
                  help="also time attention_flax.ops.grid_sample forward + backward")
   p.add_argument("--profile", action="store_true",
@@ -130,7 +141,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--sampler_modes", default="bilinear",
                  help="grid_sample modes for --sampler, separated by ',': bilinear, nearest")
   args = p.parse_args(list(argv))
-  for key in ("batch", "repeats", "profile_steps"):
+  for key in ("batch", "repeats", "profile_steps", "cache_images"):
     if getattr(args, key) < 1:
       raise ValueError(f"--{key} must be >= 1; got {getattr(args, key)}.")
   args.conv_shapes = _shapes(args.conv_shapes, 6, "--conv_shapes",
@@ -176,6 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
       registry.model_info(name)  # Unknown names fail before anything compiles.
     rows: list[dict[str, Any]] = [environment(args, argv)]
+    if args.cache:
+      rows += cache.bench_cache(names[0], batch=args.batch, steps=args.pipeline_batches,
+                                warmup=args.warmup + 1, num_images=args.cache_images,
+                                root=args.cache_dir, against=args.against)
+      print(markdown(rows))
+      if args.out:
+        write_json(rows, args.out)
+      return 0
     options = compiler_options(args.xla_defaults)
     model_rows = models.bench_models(
         names, batch=args.batch, size=args.size, dtype=args.dtype, warmup=args.warmup,

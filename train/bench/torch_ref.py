@@ -221,3 +221,54 @@ class TorchConv:
     synchronize(self.device)
     self.x.grad, self.w.grad = None, None
     return time.perf_counter() - start
+
+
+class TorchLoop:
+  """The plain PyTorch CIFAR loop of ``--cache``: the images decoded once into one uint8
+  (N, C, H, W) tensor, then per step a shuffled batch of ``batch`` rows, zero-padded by
+  ``padding`` and cropped back at a random offset per image, mirrored with probability 1/2,
+  normalised, and one SGD step of ``model``'s twin (:class:`TorchStep`'s settings)."""
+
+  def __init__(self, model: str, images: np.ndarray, labels: np.ndarray, *, batch: int,
+               mean: Any, std: Any, padding: int, num_classes: int = 10, seed: int = 0):
+    import torch
+    self.torch, self.batch, self.padding = torch, batch, padding
+    module, self.description = torch_model(model, num_classes, images.shape[-1])
+    self.model = module.to(memory_format=torch.channels_last).train()
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,
+                               weight_decay=1e-4)
+    self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    self.images = self.images.contiguous()
+    self.labels = torch.from_numpy(np.asarray(labels)).long()
+    self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    self.gen = torch.Generator().manual_seed(seed)
+    self.order, self.at = torch.randperm(len(self.labels), generator=self.gen), 0
+
+  def next_batch(self) -> tuple[Any, Any]:
+    """The next (images float32 (B, C, H, W) channels_last, labels (B,)) of the epoch."""
+    torch = self.torch
+    if self.at + self.batch > len(self.order):
+      self.order, self.at = torch.randperm(len(self.labels), generator=self.gen), 0
+    index = self.order[self.at:self.at + self.batch]
+    self.at += self.batch
+    x = self.images[index]
+    n, c, h, w = x.shape
+    p = self.padding
+    if p:
+      padded = torch.nn.functional.pad(x, (p, p, p, p))
+      offset = torch.randint(0, 2 * p + 1, (n, 2), generator=self.gen)
+      rows = (offset[:, 0, None] + torch.arange(h))[:, None, :, None]
+      cols = (offset[:, 1, None] + torch.arange(w))[:, None, None, :]
+      x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                 rows, cols]
+    mirror = torch.rand(n, generator=self.gen) < 0.5
+    x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    x = (x.float() / 255.0 - self.mean) / self.std
+    return x.contiguous(memory_format=torch.channels_last), self.labels[index]
+
+  def step(self, x: Any, y: Any) -> None:
+    self.opt.zero_grad(set_to_none=True)
+    loss = self.torch.nn.functional.cross_entropy(self.model(x), y)
+    loss.backward()
+    self.opt.step()

@@ -32,12 +32,12 @@ from __future__ import annotations
 import ml_collections
 
 import configs
+from configs import digits_ram
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = configs.parse_arg(arg)
-  config = configs.base_config()
-  config.model = "ram_digits"
+  config = digits_ram.get_config()  # RAM's recipe; one episode per image, as the paper's CNNs
   config.model_kwargs = ml_collections.ConfigDict({
       "num_glimpses": 6, "glimpse_size": 8, "num_scales": 3, "std": 0.2, "core": "rnn"})
   config.compare_with = "stn_cnn,cnn_digits"
@@ -45,16 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "distorted_digits", image_size=40, channels=1, mean=(0.5,), std=(0.5,),
       max_rotation=0.0, scale_range=(1.0, 1.0), clutter=4, clutter_size=5)
   config.batch_size = 64
-  config.eval_batch_size = 240
   config.num_epochs = 3.0  # 537 steps of 64 over 11,496 canvases, for each model
-  config.optimizer = "adamw"
-  config.learning_rate = 1e-3
-  config.weight_decay = 0.0
-  config.schedule = "cosine"
-  config.warmup_epochs = 0.0
-  config.grad_clip_norm = 5.0
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 1000
   if arg == "smoke":
     configs.shrink_for_smoke(config, steps=3)
   return config

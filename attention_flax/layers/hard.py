@@ -118,6 +118,10 @@ class LocationNetwork(nn.Module):
   train step provides); without it the sample is the mean itself. The sample is returned
   with its gradient stopped: the policy learns only through the log-probability of its
   samples (:func:`gaussian_log_prob`), never through where a glimpse was taken.
+
+  The output layer's kernel starts at zero, so an untrained policy points every image at
+  the centre (tanh of the bias, 0) instead of at an arbitrary spot set by the random
+  weights; REINFORCE then moves it from there.
   """
   std: float = 0.2
   dtype: Any = jnp.float32
@@ -127,7 +131,8 @@ class LocationNetwork(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
     """(N, D) hidden state -> (N, 2) float32 mean in (-1, 1) and (N, 2) sample."""
     mean = jnp.tanh(nn.Dense(2, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="mean")(x).astype(jnp.float32))
+                             kernel_init=nn.initializers.zeros, name="mean")(x)
+                    .astype(jnp.float32))
     if not train:
       return mean, jax.lax.stop_gradient(mean)
     noise = jax.random.normal(self.make_rng("dropout"), mean.shape, jnp.float32)

@@ -15,7 +15,8 @@ instead of plain cross-entropy) is the paper's hybrid loss: the classifier's cro
 (which trains the glimpse, core and classifier networks) plus REINFORCE for the location
 policy with reward 1 for a correct final answer and 0 otherwise, minus a learned baseline
 b_t (sec. 3.2: -(R - b_t) * log pi(l_{t+1} | h_t), summed over steps), plus the baseline's
-squared error (R - b_t)^2. The policy and the baseline read h_t with its gradient stopped,
+squared error (R - b_t)^2. Each image is played ``samples`` times with independent draws
+(the paper's M episodes per image, sec. 3.2), which the REINFORCE average runs over. The policy and the baseline read h_t with its gradient stopped,
 so each term trains only its own part; the sampled locations carry no gradient. At
 evaluation (``train=False``) the glimpses follow the policy's mean.
 
@@ -25,9 +26,9 @@ policy's mean after each glimpse (the last one is not used); ``patches``
 (N, T, num_scales, size, size, C). Also ``hidden`` (N, T, D), the core's states (not a map).
 
 FLOPs per image depend on the glimpses, not on the image size: T times the glimpse, core,
-location and baseline networks, plus the classifier once. Count them with
-``attention_flax.models.flops(model.clone(unroll=model.num_glimpses), shape)``: the compiler's
-cost model counts a loop's body once, an unrolled loop's every step.
+location and baseline networks, plus the classifier once. The glimpse loop is unrolled by
+default (``unroll=True``), so ``attention_flax.models.flops`` counts every glimpse: the
+compiler's cost model counts a rolled loop's body once.
 
 Published test error (%), Table 2 of the paper: 60 x 60 cluttered translated MNIST, RAM
 with 8 glimpses of 12 x 12 at 3 scales 5.23 against 7.83 for a convolutional network;
@@ -101,8 +102,12 @@ class RecurrentAttentionModel(nn.Module):
     random_start: while training, take the first glimpse at a uniformly random location
       instead of the centre (the "dropout" rng stream); evaluation always starts at the
       centre.
+    samples: M, the episodes per image in :meth:`training_loss` (sec. 3.2: the gradient
+      estimate averages M rollouts of each image with independent locations). One 0/1
+      reward per image is a very noisy signal for the policy; several episodes per image
+      cut its variance M-fold. Evaluation plays each image once.
     unroll: steps of the glimpse loop per loop iteration (``flax.linen.scan``'s
-      ``unroll``; set it to num_glimpses to count FLOPs).
+      ``unroll``); True (the default) unrolls all of them, which FLOP counts need.
   """
   num_classes: int = 10
   num_glimpses: int = 6
@@ -116,7 +121,8 @@ class RecurrentAttentionModel(nn.Module):
   glimpse_features: int = 256
   core_features: int = 256
   random_start: bool = False
-  unroll: int = 1
+  samples: int = 1
+  unroll: int | bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -128,9 +134,10 @@ class RecurrentAttentionModel(nn.Module):
     if self.core not in CORE_KINDS:
       raise ValueError(f"RecurrentAttentionModel core must be one of {CORE_KINDS}; got "
                        f"{self.core!r} (--config.model_kwargs.core=rnn).")
-    if self.num_glimpses < 1 or self.std <= 0:
-      raise ValueError(f"RecurrentAttentionModel needs num_glimpses >= 1 and std > 0; got "
-                       f"num_glimpses={self.num_glimpses}, std={self.std}.")
+    if self.num_glimpses < 1 or self.std <= 0 or self.samples < 1:
+      raise ValueError(f"RecurrentAttentionModel needs num_glimpses >= 1, std > 0 and "
+                       f"samples >= 1; got num_glimpses={self.num_glimpses}, std={self.std}, "
+                       f"samples={self.samples}.")
 
   @nn.compact
   def rollout(self, images: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
@@ -177,9 +184,13 @@ class RecurrentAttentionModel(nn.Module):
 
     Returns:
       (scalar loss, aux) with aux = {"logits": (N, K), "cross_entropy", "reinforce",
-      "baseline_loss", "reward"} (scalars: batch means; reward = accuracy of the sampled
-      glimpses).
+      "baseline_loss", "reward"} (scalars: means over the N * ``samples`` episodes;
+      reward = accuracy of the sampled glimpses; logits: each image's first episode).
     """
+    n = images.shape[0]
+    if self.samples > 1:  # episode e of image i is row i * samples + e
+      images = jnp.repeat(images, self.samples, axis=0)
+      labels = jnp.repeat(labels, self.samples, axis=0)
     logits, ys = self.rollout(images, train)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     cross_entropy = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
@@ -196,6 +207,7 @@ class RecurrentAttentionModel(nn.Module):
       reinforce = -jnp.mean(jnp.sum(advantage * log_pi, axis=0))
       baseline_loss = jnp.mean((baseline - reward[None]) ** 2)
     loss = cross_entropy + reinforce + baseline_loss
+    logits = logits.reshape(n, self.samples, -1)[:, 0]
     return loss, {"logits": logits, "cross_entropy": cross_entropy, "reinforce": reinforce,
                   "baseline_loss": baseline_loss, "reward": jnp.mean(reward)}
 

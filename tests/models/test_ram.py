@@ -50,6 +50,12 @@ def tiny():
   images = _images((6, 24, 24, 1), seed=1)
   labels = jnp.asarray([0, 1, 2, 3, 4, 5], jnp.int32)
   params = model.init(INIT_KEY, images)["params"]
+  # The policy's output kernel starts at zero (every mean 0); a random one makes the means
+  # differ, so that the hand-computed tanh derivative below is exercised.
+  kernel = params["steps"]["locator"]["mean"]["kernel"]
+  assert not np.any(np.asarray(kernel))
+  params["steps"]["locator"]["mean"]["kernel"] = jax.random.normal(
+      jax.random.PRNGKey(7), kernel.shape) / np.sqrt(kernel.shape[0])
   rng = jax.random.PRNGKey(3)
 
   def loss(p):
@@ -140,28 +146,74 @@ def test_eval_follows_the_mean_and_sows_the_maps(tiny):
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(again))
 
 
+def test_samples_play_each_image_several_times(tiny):
+  # samples=M is the single-episode loss of every image repeated M times (row i * M + e),
+  # with the first episode's logits reported.
+  model, images, labels, params, rng, _, _, _ = tiny
+  many = model.clone(samples=3)
+  loss, aux = many.apply({"params": params}, images, labels, method="training_loss",
+                         rngs={"dropout": rng})
+  want, want_aux = model.apply({"params": params}, jnp.repeat(images, 3, 0),
+                               jnp.repeat(labels, 3, 0), method="training_loss",
+                               rngs={"dropout": rng})
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+  np.testing.assert_allclose(float(aux["reward"]), float(want_aux["reward"]))
+  assert aux["logits"].shape == (len(images), 10)
+  np.testing.assert_allclose(aux["logits"], want_aux["logits"][::3], rtol=1e-6)
+  # The draws differ between the episodes of one image.
+  _, inter = many.apply({"params": params}, images, labels, method="training_loss",
+                        rngs={"dropout": rng}, mutable=["intermediates"])
+  loc = np.asarray(inter["intermediates"]["locations"][0]).reshape(len(images), 3, -1, 2)
+  assert np.all(np.abs(loc[:, 0, 1:] - loc[:, 1, 1:]).max(-1) > 0)
+
+
 def test_bad_fields_have_clear_errors():
   x = jnp.zeros((1, 24, 24, 1), jnp.float32)
   with pytest.raises(ValueError, match="core must be one of"):
     RecurrentAttentionModel(core="gru").init(INIT_KEY, x)
   with pytest.raises(ValueError, match="num_glimpses >= 1"):
     RecurrentAttentionModel(num_glimpses=0).init(INIT_KEY, x)
+  with pytest.raises(ValueError, match="samples >= 1"):
+    RecurrentAttentionModel(samples=0).init(INIT_KEY, x)
 
 
-def test_ram_learns_to_classify_translated_digits():
-  from train import datasets  # translated digits: each 12 px digit alone on a 24 x 24 canvas
+def _digit_centres(images):
+  """(N, H, W, 1) canvases holding one digit each -> (N, 2) (x, y) of the digit's centre of
+  mass in the glimpses' [-1, 1] convention (pixel i of n has its centre at (2i + 1)/n - 1)."""
+  w = np.asarray(images, np.float64)[..., 0]
+  _, h, width = w.shape
+  mass = w.sum((1, 2))
+  row = (w.sum(2) * np.arange(h)).sum(1) / mass
+  col = (w.sum(1) * np.arange(width)).sum(1) / mass
+  return np.stack([(2 * col + 1) / width - 1, (2 * row + 1) / h - 1], axis=-1)
+
+
+def test_digit_centres_by_hand():
+  canvas = np.zeros((1, 8, 8, 1))
+  canvas[0, 1, 2] = canvas[0, 1, 4] = 1.0  # centre of mass: row 1, column 3
+  np.testing.assert_allclose(_digit_centres(canvas), [[(2 * 3 + 1) / 8 - 1,
+                                                       (2 * 1 + 1) / 8 - 1]])
+
+
+def test_ram_learns_to_classify_and_to_look_at_the_digit():
+  # Translated digits: each 12 px digit alone at a random place of a 24 x 24 canvas. The
+  # glimpses (6 px, and 12 px at half resolution) do not cover the canvas, so where they go
+  # matters: after the first glimpse at the centre the policy must learn, from the 0/1
+  # reward alone, to send the next ones to the digit.
+  from train import datasets
 
   kw = dict(seed=0, image_size=24, digit_size=12, max_rotation=0.0, scale_range=(1.0, 1.0),
             clutter=0)
-  train = datasets.distorted_digits_source("train", copies=2, **kw)
+  train = datasets.distorted_digits_source("train", copies=8, **kw)
   test = datasets.distorted_digits_source("test", copies=1, **kw)
   x_train = train.images.astype(np.float32) / 255.0
   x_test = jnp.asarray(test.images.astype(np.float32) / 255.0)
-  model = RecurrentAttentionModel(num_classes=10, num_glimpses=3, glimpse_size=8,
-                                  num_scales=2, std=0.2, patch_features=64, loc_features=32,
-                                  glimpse_features=128, core_features=128)
+  centres = _digit_centres(x_test)
+  model = RecurrentAttentionModel(num_classes=10, num_glimpses=3, glimpse_size=6,
+                                  num_scales=2, std=0.2, samples=8, patch_features=64,
+                                  loc_features=32, glimpse_features=128, core_features=128)
   params = model.init(INIT_KEY, x_test[:1])["params"]
-  tx = optax.adam(3e-3)
+  tx = optax.adam(1e-3)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -172,24 +224,39 @@ def test_ram_learns_to_classify_translated_digits():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, aux["reward"]
 
-  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, x_test), -1)
-                                        == jnp.asarray(test.labels)))
-  before = float(accuracy(params))
+  @jax.jit
+  def evaluate(p):  # policy means: accuracy and where glimpses 2..T went
+    logits, inter = model.apply({"params": p}, x_test, mutable=["intermediates"])
+    hits = jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(test.labels))
+    return hits, inter["intermediates"]["locations"][0][:, 1:]
+
+  def distance(locations):  # mean distance from the later glimpses to the digit's centre
+    return float(np.mean(np.linalg.norm(np.asarray(locations) - centres[:, None], axis=-1)))
+
+  fixed_centre = float(np.mean(np.linalg.norm(centres, axis=-1)))  # never moving
+  before, locations = evaluate(params)
+  before, distance_before = float(before), distance(locations)
   rng = np.random.default_rng(0)
   key = jax.random.PRNGKey(0)
   rewards = []
   # optax's Adam mixes a weak float and the int32 step count, which strict promotion refuses.
   with jax.numpy_dtype_promotion("standard"):
-    for i in range(300):
+    for i in range(600):
       idx = rng.integers(0, len(x_train), 64)
       params, opt_state, reward = step(params, opt_state, jnp.asarray(x_train[idx]),
                                        jnp.asarray(train.labels[idx]),
                                        jax.random.fold_in(key, i))
       rewards.append(float(reward))
-  after = float(accuracy(params))
-  assert before < 0.2 and after > 0.4, (before, after)  # chance: 0.1
+  after, locations = evaluate(params)
+  after, distance_after = float(after), distance(locations)
+  assert before < 0.2 and after > 0.6, (before, after)  # chance: 0.1
   # The reward (training accuracy with sampled glimpses) rose too.
-  assert np.mean(rewards[-50:]) > np.mean(rewards[:50]) + 0.2
+  assert np.mean(rewards[-50:]) > np.mean(rewards[:50]) + 0.3
+  # The untrained policy looks at the centre (its output layer starts at zero); trained,
+  # its glimpses land clearly nearer the digit than the centre is.
+  assert fixed_centre > 0.3  # the digits are spread out: the centre is a poor guess
+  np.testing.assert_allclose(distance_before, fixed_centre, rtol=1e-5)
+  assert distance_after < 0.8 * fixed_centre, (distance_before, distance_after)
 
 
 def test_flops_do_not_grow_with_the_image():

@@ -191,10 +191,11 @@ CONFIG_SCHEDULES = {
     "digits_naive_attention": (_DIGITS, {
         0: 0.0, 21: 0.1 * 21 / 22, 22: 0.1, 77: 0.05, 131: _cosine(0.1, 22, 132, 131),
         132: 0.0}),
-    # No warm-up, cosine from the first step: 20 epochs = 3,580 steps, 3 epochs = 537.
-    "digits_ram": (_STN, {
-        0: 2e-3, 1: _cosine(2e-3, 0, 3580, 1), 1790: 1e-3, 3579: _cosine(2e-3, 0, 3580, 3579),
-        3580: 0.0}),
+    # No warm-up, cosine from the first step: 10 epochs of 359 steps of 32 = 3,590 steps;
+    # 3 epochs of 179 steps of 64 = 537.
+    "digits_ram": (11496 // 32, {
+        0: 1e-3, 1: _cosine(1e-3, 0, 3590, 1), 1795: 5e-4, 3589: _cosine(1e-3, 0, 3590, 3589),
+        3590: 0.0}),
     "digits_soft_hard": (_STN, {
         0: 1e-3, 1: _cosine(1e-3, 0, 537, 1), 268: _cosine(1e-3, 0, 537, 268),
         536: _cosine(1e-3, 0, 537, 536), 537: 0.0}),

@@ -143,6 +143,21 @@ def _timm_stat_key(path):
   return ".".join(names + ["running_" + path[-1]])
 
 
+def check_statistics_match_timm(batch_stats, timm_state, old):
+  """Every running mean and variance of ``batch_stats`` (after one train-mode forward) equals
+  timm's in ``timm_state``, each moved from ``old``, and none of timm's is left unchecked."""
+  checked = 0
+  for path, ours in _flat_stats(batch_stats):
+    key = _timm_stat_key(path)
+    theirs = timm_state[key].numpy()
+    assert not np.allclose(theirs, old[key])  # one train step moved the statistics
+    # Deep in a ResNet-152 float32 round-off reaches 1e-5 relative; a wrong rule is off by
+    # far more (Flax's biased variance: 1e-4 to 7e-4 even in CBAM's small spatial gates).
+    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=5e-5, err_msg=key)
+    checked += 1
+  assert checked == sum(k.endswith(("running_mean", "running_var")) for k in timm_state)
+
+
 # Two 64x64 images: 2x2 maps in the last stage, so every train-mode batch norm sees at least
 # 8 values per channel (fewer make the normalisation of near-equal values ill-conditioned).
 PARITY_INPUT = (2, 3, 64, 64)
@@ -169,17 +184,7 @@ def test_logits_and_statistics_match_timm(name):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
   assert np.abs(expected_train - expected_eval).max() > 0.1  # the two modes differ
 
-  timm_state = ref.state_dict()
-  checked = 0
-  for path, ours in _flat_stats(updates["batch_stats"]):
-    key = _timm_stat_key(path)
-    theirs = timm_state[key].numpy()
-    assert not np.allclose(theirs, old[key])  # one train step moved the statistics
-    # Deep in a ResNet-152 float32 round-off reaches 1e-5 relative; a wrong rule is off by
-    # far more (Flax's biased variance: 1e-4 to 7e-4 even in CBAM's small spatial gates).
-    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=5e-5, err_msg=key)
-    checked += 1
-  assert checked == sum(k.endswith(("running_mean", "running_var")) for k in timm_state)
+  check_statistics_match_timm(updates["batch_stats"], ref.state_dict(), old)
 
 
 def test_missing_extra_and_misshaped_tensors_are_all_named():

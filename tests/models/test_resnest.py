@@ -18,7 +18,7 @@ from attention_flax.convert import convert_variables, from_timm, list_timm_model
 from attention_flax.layers.norm import TorchBatchNorm  # noqa: E402
 from attention_flax.models import MODELS, count_params, create_model  # noqa: E402
 from attention_flax.models.resnest import ResNestBottleneck, avg_pool_3x3  # noqa: E402
-from tests.test_convert import _flat_stats, _timm_stat_key, one_torch_thread  # noqa: E402
+from tests.test_convert import check_statistics_match_timm, one_torch_thread  # noqa: E402
 from timm.models.resnest import ResNestBottleneck as TimmResNestBottleneck  # noqa: E402
 
 # timm 1.0.31, 1000 classes.
@@ -167,15 +167,7 @@ def test_resnest14d_logits_and_statistics_match_timm():
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, rtol=0)
   assert np.abs(expected_train - expected_eval).max() > 0.1  # the two modes differ
 
-  timm_state = ref.state_dict()
-  checked = 0
-  for path, ours in _flat_stats(updates["batch_stats"]):
-    key = _timm_stat_key(path)
-    theirs = timm_state[key].numpy()
-    assert not np.allclose(theirs, old[key])  # one train step moved the statistics
-    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=5e-5, err_msg=key)
-    checked += 1
-  assert checked == sum(k.endswith(("running_mean", "running_var")) for k in timm_state)
+  check_statistics_match_timm(updates["batch_stats"], ref.state_dict(), old)
 
 
 def test_tiny_variant_runs_and_downsamples():

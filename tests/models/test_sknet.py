@@ -20,7 +20,7 @@ from attention_flax.models import count_params, create_model  # noqa: E402
 from attention_flax.models.sknet import SelectiveKernelBasic  # noqa: E402
 from tests.models.test_resnet import KEY, apply, images, init  # noqa: E402
 from tests.test_convert import (  # noqa: E402
-    _flat_stats, _timm_stat_key, one_torch_thread, shape_only_state_dict)
+    check_statistics_match_timm, one_torch_thread, shape_only_state_dict)
 
 # timm 1.0.31, 1000 classes.
 TIMM_PARAMS = {"skresnet18": 11_958_056, "skresnet34": 22_282_376,
@@ -133,12 +133,4 @@ def test_skresnet18_logits_and_statistics_match_timm():
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, rtol=0)
   assert np.abs(expected_train - expected_eval).max() > 0.1
 
-  timm_state = ref.state_dict()
-  checked = 0
-  for path, ours in _flat_stats(updates["batch_stats"]):
-    key = _timm_stat_key(path)
-    theirs = timm_state[key].numpy()
-    assert not np.allclose(theirs, old[key])
-    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=5e-5, err_msg=key)
-    checked += 1
-  assert checked == sum(k.endswith(("running_mean", "running_var")) for k in timm_state)
+  check_statistics_match_timm(updates["batch_stats"], ref.state_dict(), old)
